@@ -1,0 +1,132 @@
+"""The training loop: data -> jitted multi-SAE step -> progress bar, JSONL metrics, orbax checkpoints.
+
+Run folder: `config.yaml`, `metrics.jsonl` (one record per SAE per log step), `checkpoints/<step>/`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from jaxsae import checkpoint
+from jaxsae.config import RunConfig, save_config
+from jaxsae.data import RowSource, batches, check_finite, load_source, sample_rows
+from jaxsae.sae import estimate_input_scale
+from jaxsae.step import TrainState, init_multi_state, make_multi_step
+from jaxsae.synthetic import atoms_recovered
+
+# Firing-rate histogram bins (log10 of the fraction of tokens a latent fires on); "never" counted apart.
+RATE_BINS = np.arange(-8.0, 0.5, 1.0)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the message names the step and the last checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    state: TrainState  # leaves with a leading [S] sae axis
+    metrics: list[dict]  # the last logged record of each SAE
+    atoms_recovered: list[float] | None  # per SAE, when the source is a planted dictionary
+
+
+def train(cfg: RunConfig, source: RowSource | None = None, *, resume: bool = False) -> TrainResult:
+    """Trains every SAE of `cfg` (one per seed/k on the `sae` axis) on `source` (default: cfg.data)."""
+    tc = cfg.train
+    source = source or load_source(cfg.data, cfg.sae.d_in)
+    out = Path(tc.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    sample = sample_rows(source.rows, tc.scale_sample_rows, cfg.data.seed)
+    check_finite(sample, f"{source.description} (input-scale sample)")
+    state = init_multi_state(cfg, jnp.asarray(sample), estimate_input_scale(sample))
+    mgr = checkpoint.manager(out / "checkpoints")
+    if resume and mgr.latest_step() is not None:
+        state = checkpoint.restore_state(mgr, state)
+    start = int(np.asarray(state.step)[0])
+    try:
+        state, last = _loop(cfg, source, state, start, mgr, out / "metrics.jsonl")
+        if int(np.asarray(state.step)[0]) != mgr.latest_step():
+            checkpoint.save(mgr, state, cfg, {"tokens_seen": int(state.step[0]) * tc.batch_size})
+    finally:
+        mgr.wait_until_finished()
+        mgr.close()
+    found = None
+    if source.atoms is not None:
+        found = [atoms_recovered(source.atoms, np.asarray(w)) for w in state.params["W_dec"]]
+    return TrainResult(state, last, found)
+
+
+def _loop(cfg, source, state, start, mgr, metrics_path):
+    tc = cfg.train
+    step_fn = make_multi_step(cfg)
+    ks = jnp.asarray(cfg.sae_ks(), jnp.int32)
+    data = batches(source.rows, tc.batch_size, cfg.data.seed, start_step=start)
+    last: list[dict] = []
+    bar = tqdm(total=tc.steps, initial=start, unit="step", disable=not tc.progress, dynamic_ncols=True)
+    t0, window_start = time.perf_counter(), start
+    with bar, open(metrics_path, "a") as log:
+        for step in range(start, tc.steps):
+            state, metrics = step_fn(state, jnp.asarray(next(data)), ks)
+            bar.update(1)
+            done = step + 1
+            if done % tc.log_every and done != tc.steps:
+                if tc.checkpoint_every and done % tc.checkpoint_every == 0:
+                    checkpoint.save(mgr, state, cfg, {"tokens_seen": done * tc.batch_size})
+                continue
+            tokens_per_s = (done - window_start) * tc.batch_size / (time.perf_counter() - t0)
+            last = _records(cfg, state, metrics, done, tokens_per_s, done - window_start)
+            _check_finite_loss(last, done, mgr)
+            for rec in last:
+                log.write(json.dumps(rec) + "\n")
+            log.flush()
+            bar.set_postfix_str(_postfix(last, tokens_per_s))
+            state = state._replace(fire_count=jnp.zeros_like(state.fire_count))
+            if tc.checkpoint_every and done % tc.checkpoint_every == 0:
+                checkpoint.save(mgr, state, cfg, {"tokens_seen": done * tc.batch_size})
+            t0, window_start = time.perf_counter(), done
+    return state, last
+
+
+def _records(cfg: RunConfig, state, metrics, step: int, tokens_per_s: float, window_steps: int) -> list[dict]:
+    """One JSON-ready record per SAE: its metrics, hyper-parameters and firing-rate histogram."""
+    metrics = jax.device_get(metrics)
+    fire_count = np.asarray(state.fire_count)
+    records = []
+    for i, (seed, k) in enumerate(zip(cfg.train.seeds, cfg.sae_ks(), strict=True)):
+        rec = {"step": step, "sae": i, "seed": seed, "k": k, "tokens_per_s": tokens_per_s}
+        rec.update({name: float(v[i]) for name, v in metrics.items()})
+        rec["firing_rate_hist"] = firing_rate_histogram(fire_count[i], window_steps * cfg.train.batch_size)
+        records.append(rec)
+    return records
+
+
+def firing_rate_histogram(fire_count: np.ndarray, tokens: int) -> dict:
+    """Counts of latents by log10 firing rate: {"never": n, "bins": RATE_BINS edges, "counts": [...]}."""
+    rates = fire_count / max(tokens, 1)
+    fired = rates > 0
+    counts, _ = np.histogram(np.log10(rates[fired]), bins=np.append(RATE_BINS, 0.5))
+    return {"never": int((~fired).sum()), "bins": RATE_BINS.tolist(), "counts": counts.tolist()}
+
+
+def _check_finite_loss(records: list[dict], step: int, mgr) -> None:
+    for rec in records:
+        if not np.isfinite(rec["loss"]):
+            last = mgr.latest_step()
+            where = f"checkpoint at step {last}" if last is not None else "no checkpoint yet"
+            raise TrainingError(f"non-finite loss at step {step} (SAE {rec['sae']}); last good: {where}")
+
+
+def _postfix(records: list[dict], tokens_per_s: float) -> str:
+    mean = lambda key: np.mean([r[key] for r in records])
+    return (
+        f"loss={mean('loss'):.4g} fve={mean('fve'):.3f} L0={mean('l0'):.1f} "
+        f"dead={100 * mean('dead_fraction'):.1f}% tok/s={tokens_per_s:,.0f}"
+    )

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Sets up .venv if needed, then runs the linter and the test suite (CPU only, simulated devices).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check .
+exec .venv/bin/pytest "$@"
