@@ -64,7 +64,9 @@ def load(path: str | Path, step: int | None = None) -> Checkpoint:
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
         )
     except Exception as e:  # orbax raises many types; one line that names the folder is what helps
-        raise CheckpointError(f"{directory / str(step)}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+        raise CheckpointError(
+            f"{directory / str(step)}: cannot read checkpoint ({type(e).__name__}: {e})"
+        ) from e
     finally:
         mgr.close()
     state, meta = restored["state"], restored["meta"]

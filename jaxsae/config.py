@@ -34,8 +34,9 @@ class SAEConfig:
     k: int = 8  # topk: active latents per row; batchtopk: mean active latents per row
     dtype: str = "float32"  # parameter dtype
     # jumprelu
-    jumprelu_bandwidth: float = 0.001  # ε of the rectangle kernel
-    jumprelu_init_threshold: float = 0.001
+    # In scaled units (E‖x‖² = d_in, coordinates of RMS 1): ε 0.001 at E‖x‖² = 1 and d_in 768 is ≈ 0.03 here.
+    jumprelu_bandwidth: float = 0.1  # ε of the rectangle kernel
+    jumprelu_init_threshold: float = 1.0
     sparsity_mode: str = "l0"  # jumprelu: l0 | tanh
     tanh_scale: float = 4.0  # jumprelu tanh mode: c in tanh(c · f · ‖W_dec‖)
     # batchtopk
@@ -104,6 +105,11 @@ class TrainConfig:
             f"needs one k per seed ({len(self.seeds)}), or none",
         )
         _check(self.log_every > 0, "train.log_every", "must be positive")
+        _check(
+            self.checkpoint_every % self.log_every == 0,
+            "train.checkpoint_every",
+            f"must be a multiple of train.log_every ({self.log_every})",
+        )
 
     @property
     def n_saes(self) -> int:

@@ -83,7 +83,9 @@ def project_out_parallel(w_dec: jax.Array, grad: jax.Array) -> jax.Array:
 def update_threshold(cfg: SAEConfig, threshold: jax.Array, smallest: jax.Array, step: jax.Array) -> jax.Array:
     """batchtopk's inference threshold: from `threshold_start_step`, an EMA of the smallest kept value
     (the first value taken as is)."""
-    ema = jnp.where(threshold < 0, smallest, cfg.threshold_beta * threshold + (1 - cfg.threshold_beta) * smallest)
+    ema = jnp.where(
+        threshold < 0, smallest, cfg.threshold_beta * threshold + (1 - cfg.threshold_beta) * smallest
+    )
     return jnp.where(step >= cfg.threshold_start_step, ema, threshold)
 
 
@@ -107,7 +109,9 @@ def make_step(cfg: RunConfig, k_max: int | None = None):
         params = {**optax.apply_updates(trainable(state.params), updates), **frozen}
         params["W_dec"] = sae.unit_rows(params["W_dec"])
         if "threshold" in params:
-            params["threshold"] = update_threshold(cfg.sae, params["threshold"], out.smallest_kept, state.step)
+            params["threshold"] = update_threshold(
+                cfg.sae, params["threshold"], out.smallest_kept, state.step
+            )
         fired = jnp.any(out.codes != 0, axis=0)
         metrics = dict(out.metrics, dead_fraction=jnp.mean(dead), lr=learning_rate(cfg.train, state.step))
         new_state = TrainState(

@@ -20,7 +20,9 @@ def planted_rows(atoms: np.ndarray, n_rows: int, active: int, noise: float, seed
     noise of standard deviation `noise` per coordinate."""
     rng = np.random.default_rng(seed + 1)
     n_atoms, d = atoms.shape
-    idx = np.concatenate([_distinct(rng, min(16384, n_rows - i), n_atoms, active) for i in range(0, n_rows, 16384)])
+    idx = np.concatenate(
+        [_distinct(rng, min(16384, n_rows - i), n_atoms, active) for i in range(0, n_rows, 16384)]
+    )
     coef = rng.uniform(0.5, 1.5, (n_rows, active)).astype(np.float32)
     x = np.einsum("na,nad->nd", coef, atoms[idx])
     return (x + noise * rng.standard_normal((n_rows, d)).astype(np.float32)).astype(np.float32)

@@ -71,31 +71,33 @@ def _loop(cfg, source, state, start, mgr, metrics_path):
     data = batches(source.rows, tc.batch_size, cfg.data.seed, start_step=start)
     last: list[dict] = []
     bar = tqdm(total=tc.steps, initial=start, unit="step", disable=not tc.progress, dynamic_ncols=True)
-    t0, window_start = time.perf_counter(), start
+    t0, window_start, fire_since = time.perf_counter(), start, start
     with bar, open(metrics_path, "a") as log:
         for step in range(start, tc.steps):
             state, metrics = step_fn(state, jnp.asarray(next(data)), ks)
             bar.update(1)
             done = step + 1
+            if step == start:  # time from here: the first step includes compilation
+                jax.block_until_ready(state)
+                t0, window_start = time.perf_counter(), done
             if done % tc.log_every and done != tc.steps:
-                if tc.checkpoint_every and done % tc.checkpoint_every == 0:
-                    checkpoint.save(mgr, state, cfg, {"tokens_seen": done * tc.batch_size})
                 continue
-            tokens_per_s = (done - window_start) * tc.batch_size / (time.perf_counter() - t0)
-            last = _records(cfg, state, metrics, done, tokens_per_s, done - window_start)
+            jax.block_until_ready(state)
+            elapsed = time.perf_counter() - t0
+            tokens_per_s = (done - window_start) * tc.batch_size / elapsed if done > window_start else 0.0
+            last = _records(cfg, state, metrics, done, tokens_per_s, (done - fire_since) * tc.batch_size)
             _check_finite_loss(last, done, mgr)
-            for rec in last:
-                log.write(json.dumps(rec) + "\n")
+            log.writelines(json.dumps(rec) + "\n" for rec in last)
             log.flush()
             bar.set_postfix_str(_postfix(last, tokens_per_s))
             state = state._replace(fire_count=jnp.zeros_like(state.fire_count))
             if tc.checkpoint_every and done % tc.checkpoint_every == 0:
                 checkpoint.save(mgr, state, cfg, {"tokens_seen": done * tc.batch_size})
-            t0, window_start = time.perf_counter(), done
+            t0, window_start, fire_since = time.perf_counter(), done, done
     return state, last
 
 
-def _records(cfg: RunConfig, state, metrics, step: int, tokens_per_s: float, window_steps: int) -> list[dict]:
+def _records(cfg: RunConfig, state, metrics, step: int, tokens_per_s: float, fire_tokens: int) -> list[dict]:
     """One JSON-ready record per SAE: its metrics, hyper-parameters and firing-rate histogram."""
     metrics = jax.device_get(metrics)
     fire_count = np.asarray(state.fire_count)
@@ -103,7 +105,7 @@ def _records(cfg: RunConfig, state, metrics, step: int, tokens_per_s: float, win
     for i, (seed, k) in enumerate(zip(cfg.train.seeds, cfg.sae_ks(), strict=True)):
         rec = {"step": step, "sae": i, "seed": seed, "k": k, "tokens_per_s": tokens_per_s}
         rec.update({name: float(v[i]) for name, v in metrics.items()})
-        rec["firing_rate_hist"] = firing_rate_histogram(fire_count[i], window_steps * cfg.train.batch_size)
+        rec["firing_rate_hist"] = firing_rate_histogram(fire_count[i], fire_tokens)
         records.append(rec)
     return records
 

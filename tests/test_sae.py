@@ -59,7 +59,9 @@ def test_forward_matches_numpy(arch, training):
     codes = np.asarray(sae.encode(cfg, p, x, training=training))
     want = _np_codes(arch, p, x, training)
     np.testing.assert_allclose(codes, want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(sae.decode(cfg, p, codes), want @ p["W_dec"] + p["b_dec"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        sae.decode(cfg, p, codes), want @ p["W_dec"] + p["b_dec"], rtol=1e-4, atol=1e-4
+    )
 
 
 def test_batchtopk_keeps_exactly_k_times_b_with_ties():
@@ -127,7 +129,9 @@ def test_fold_input_scale_takes_raw_inputs():
         cfg = SAEConfig(d_in=D, d_sae=F, architecture=arch, k=K)
         p, x, s = _params(arch), _x(), 2.5
         folded = sae.fold_input_scale(p, s)
-        np.testing.assert_allclose(sae.encode(cfg, folded, x), sae.encode(cfg, p, x * s), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            sae.encode(cfg, folded, x), sae.encode(cfg, p, x * s), rtol=1e-5, atol=1e-5
+        )
         codes = sae.encode(cfg, p, x * s)
         np.testing.assert_allclose(
             sae.decode(cfg, folded, codes), sae.decode(cfg, p, codes) / s, rtol=1e-5, atol=1e-5
