@@ -184,6 +184,8 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            value = [value]  # `--train.seeds=3` reads as one number
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         return tuple(_coerce(item, v, path) for v in value)
