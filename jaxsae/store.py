@@ -33,6 +33,7 @@ DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float
           "float32": np.dtype(np.float32)}
 _ARRAYS = ("acts", "clip", "frame")
 _INT32 = np.iinfo(np.int32)
+_EXPONENT_BITS = {DTYPES["bfloat16"]: 0x7F80, DTYPES["float16"]: 0x7C00}
 
 
 class StoreError(ValueError):
@@ -73,9 +74,11 @@ class StoreMeta:
 def finite_rows(acts: np.ndarray) -> np.ndarray:
     """Bool [n]: True where every value of row i of `acts` [n, d] is finite (any float dtype)."""
     a = np.asarray(acts)
-    if a.dtype == DTYPES["bfloat16"]:
-        a = a.astype(np.float32)
-    return np.isfinite(a).all(axis=tuple(range(1, a.ndim)))
+    axes = tuple(range(1, a.ndim))
+    exponent = _EXPONENT_BITS.get(a.dtype)
+    if exponent is None:
+        return np.isfinite(a).all(axis=axes)
+    return ~((a.view(np.uint16) & exponent) == exponent).any(axis=axes)  # all-ones exponent: inf or nan
 
 
 def meta_differences(stored: StoreMeta, given: StoreMeta) -> list[str]:

@@ -18,7 +18,7 @@ from jaxsae.evaluate import evaluate
 from jaxsae.synthetic import atoms_recovered, planted_rows
 from jaxsae.train import train
 
-DEMO_STEPS = 1200
+DEMO_STEPS = 800
 
 
 def demo_config(out: Path, steps: int) -> RunConfig:
@@ -27,7 +27,7 @@ def demo_config(out: Path, steps: int) -> RunConfig:
         sae=SAEConfig(d_in=128, d_sae=1024, architecture="batchtopk", k=4, threshold_start_step=steps // 3),
         data=DataConfig(source="planted", n_atoms=512, active=4, noise=0.01, n_rows=120_000, seed=0),
         train=TrainConfig(
-            steps=steps, batch_size=1024, lr=1e-3, seeds=(0, 1), dead_tokens=200_000, out_dir=str(out)
+            steps=steps, batch_size=1024, lr=2e-3, seeds=(0, 1), dead_tokens=200_000, out_dir=str(out)
         ),
     )
 

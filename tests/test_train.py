@@ -135,3 +135,15 @@ def test_planted_dictionary_is_recovered(arch, tmp_path):
     assert metrics["fve"] >= 0.9
     assert found >= 0.9
     assert result.atoms_recovered[0] == found
+
+
+def test_resume_from_a_checkpoint_is_bit_exact(tmp_path):
+    import shutil
+
+    cfg = _small("batchtopk", steps=30, log_every=5, checkpoint_every=15, out_dir=str(tmp_path), progress=False)
+    straight = train(cfg)
+    shutil.rmtree(tmp_path / "checkpoints" / "30")  # as if killed between steps 15 and 30
+    resumed = train(cfg, resume=True)
+    for name, value in straight.state.params.items():
+        np.testing.assert_array_equal(resumed.state.params[name], value, err_msg=name)
+    np.testing.assert_array_equal(resumed.state.tokens_since_fired, straight.state.tokens_since_fired)
