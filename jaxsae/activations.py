@@ -1,7 +1,7 @@
-"""The sparse activation functions: TopK, BatchTopK selection and JumpReLU with straight-through gradients.
+"""JumpReLU and its Heaviside step with straight-through (pseudo-derivative) gradients.
 
-Shapes: `acts`/`pre` are [B, F] (B rows, F latents); thresholds are [F] or scalar. `k` may be a traced
-integer (one per SAE under vmap) as long as `k <= k_max`, which is static.
+Shapes: `pre` is [B, F] (B rows, F latents); thresholds are [F] or scalar. TopK and BatchTopK
+selection live in jaxsae.selection.
 """
 
 from __future__ import annotations
@@ -10,26 +10,6 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-from jax import lax
-
-
-def topk_mask(acts: jax.Array, k: jax.Array | int, k_max: int) -> jax.Array:
-    """Boolean [B, F]: per row, the k largest entries of `acts` (ties: lower index first)."""
-    _, idx = lax.top_k(acts, k_max)
-    keep = jnp.arange(k_max) < k
-    rows = jnp.arange(acts.shape[0])[:, None]
-    return jnp.zeros(acts.shape, bool).at[rows, idx].set(jnp.broadcast_to(keep, idx.shape))
-
-
-def batchtopk_mask(acts: jax.Array, k: jax.Array | int, k_max: int) -> tuple[jax.Array, jax.Array]:
-    """Boolean [B, F] selecting exactly k·B entries of the whole batch (ties: lower flat index first),
-    and the smallest selected value (a scalar, for the inference threshold)."""
-    n = acts.shape[0] * k_max
-    flat = acts.reshape(-1)
-    vals, idx = lax.top_k(flat, n)
-    keep = jnp.arange(n) < k * acts.shape[0]
-    mask = jnp.zeros(flat.shape, bool).at[idx].set(keep).reshape(acts.shape)
-    return mask, vals[k * acts.shape[0] - 1]
 
 
 def _rectangle(u: jax.Array) -> jax.Array:

@@ -117,12 +117,26 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh ('sae', 'data', 'model'): SAEs, batch rows and latents split over devices.
+    The product must equal the number of devices used (default: 1 × all × 1)."""
+
+    sae: int = 1
+    data: int = 0  # 0: every device not used by `sae` and `model`
+    model: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.sae > 0 and self.model > 0 and self.data >= 0, "mesh", "axis sizes must be positive")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a training run needs; saved beside its checkpoints."""
 
     sae: SAEConfig = field(default_factory=SAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
 
     def __post_init__(self) -> None:
         for k in self.train.ks:

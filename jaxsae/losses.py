@@ -1,6 +1,9 @@
 """Training loss of one SAE on one batch, with its metrics.
 
-All inputs are already scaled (see `sae.estimate_input_scale`). Shapes: x [B, d_in]; `dead` [d_sae] bool.
+All inputs are already scaled (see `sae.estimate_input_scale`). Inside shard_map each device sees its
+rows x [b, d_in] and its latents (W_enc [d_in, f], W_dec [f, d_in], `dead` [f]); `axes` names the mesh
+axes that split rows (`data`) and latents (`model`), and every sum over them is a psum. With the
+default `Axes()` the same code runs on one device.
 Reconstruction loss: mean over rows of ‖x − x̂‖² (summed over d_in; with E‖x‖² = d_in).
 """
 
@@ -15,6 +18,15 @@ from jax import lax
 from jaxsae.activations import heaviside
 from jaxsae.config import SAEConfig
 from jaxsae.sae import Params, activate, pre_activations
+from jaxsae.selection import psum, topk_mask, vary
+
+
+class Axes(NamedTuple):
+    data: str | None = None  # mesh axis splitting the batch rows
+    model: str | None = None  # mesh axis splitting the latents
+
+
+ONE_DEVICE = Axes()
 
 
 class LossHParams(NamedTuple):
@@ -26,69 +38,89 @@ class LossHParams(NamedTuple):
 
 
 class LossOut(NamedTuple):
-    codes: jax.Array  # [B, d_sae]
+    fire_count: jax.Array  # [f] int32: rows of the global batch on which each latent fired
     smallest_kept: jax.Array  # batchtopk: smallest selected value; 0 otherwise
     metrics: dict[str, jax.Array]
 
 
 def sae_loss(
-    cfg: SAEConfig, params: Params, x: jax.Array, dead: jax.Array, hp: LossHParams, k_max: int
+    cfg: SAEConfig,
+    params: Params,
+    x: jax.Array,
+    dead: jax.Array,
+    hp: LossHParams,
+    k_max: int,
+    axes: Axes = ONE_DEVICE,
 ) -> tuple[jax.Array, LossOut]:
-    """Total loss (scalar) and what the step needs besides the gradient."""
+    """Total loss (scalar, equal on every device) and what the step needs besides the gradient."""
+    n_rows = psum(x.shape[0], axes.data)
     pre = pre_activations(params, x)
-    codes, smallest = activate(cfg, params, pre, training=True, k=hp.k, k_max=k_max)
-    x_hat = codes @ params["W_dec"] + params["b_dec"]
+    codes, smallest = activate(
+        cfg, params, pre, training=True, k=hp.k, k_max=k_max, data=axes.data, model=axes.model
+    )
+    x_hat = psum(codes @ params["W_dec"], axes.model) + params["b_dec"]
     err = x - x_hat
-    recon = jnp.mean(jnp.sum(err**2, axis=-1))
-    sparsity = hp.sparsity_coefficient * sparsity_penalty(cfg, params, pre, codes)
+    recon = psum(jnp.sum(err**2), axes.data) / n_rows
+    sparsity = hp.sparsity_coefficient * sparsity_penalty(cfg, params, pre, codes, axes) / n_rows
     aux = jnp.zeros(())
     if cfg.architecture in ("topk", "batchtopk"):
-        aux = hp.aux_k_coefficient * aux_k_loss(params, pre, lax.stop_gradient(err), dead)
+        aux = hp.aux_k_coefficient * aux_k_loss(params, pre, lax.stop_gradient(err), dead, axes)
     loss = recon + sparsity + aux
-    metrics = reconstruction_metrics(x, x_hat, codes)
+    fired = codes != 0
+    metrics = reconstruction_metrics(x, x_hat, fired, axes)
     metrics.update(loss=loss, recon_loss=recon, sparsity_loss=sparsity, aux_loss=aux)
-    return loss, LossOut(codes, smallest, metrics)
+    fire_count = psum(jnp.sum(fired, axis=0, dtype=jnp.int32), axes.data)
+    return loss, LossOut(fire_count, smallest, metrics)
 
 
-def sparsity_penalty(cfg: SAEConfig, params: Params, pre: jax.Array, codes: jax.Array) -> jax.Array:
-    """Mean over rows of: Σ|f|·‖W_dec_i‖ (relu), Σ H(pre − θ) (jumprelu l0) or
-    Σ tanh(c·f·‖W_dec_i‖) (jumprelu tanh); 0 for topk/batchtopk."""
+def sparsity_penalty(
+    cfg: SAEConfig, params: Params, pre: jax.Array, codes: jax.Array, axes: Axes = ONE_DEVICE
+) -> jax.Array:
+    """Sum over rows and latents of: |f|·‖W_dec_i‖ (relu), H(pre − θ) (jumprelu l0) or
+    tanh(c·f·‖W_dec_i‖) (jumprelu tanh); 0 for topk/batchtopk."""
     dec_norm = jnp.linalg.norm(params["W_dec"], axis=-1)
     if cfg.architecture == "relu":
-        return jnp.mean(jnp.sum(jnp.abs(codes) * dec_norm, axis=-1))
-    if cfg.architecture == "jumprelu":
-        if cfg.sparsity_mode == "tanh":
-            return jnp.mean(jnp.sum(jnp.tanh(cfg.tanh_scale * codes * dec_norm), axis=-1))
-        theta = jnp.exp(params["log_threshold"])
-        return jnp.mean(jnp.sum(heaviside(pre, theta, cfg.jumprelu_bandwidth), axis=-1))
-    return jnp.zeros(())
+        per_entry = jnp.abs(codes) * dec_norm
+    elif cfg.architecture == "jumprelu" and cfg.sparsity_mode == "tanh":
+        per_entry = jnp.tanh(cfg.tanh_scale * codes * dec_norm)
+    elif cfg.architecture == "jumprelu":
+        theta = vary(jnp.exp(params["log_threshold"]), axes.data)
+        per_entry = heaviside(pre, theta, cfg.jumprelu_bandwidth)
+    else:
+        return jnp.zeros(())
+    return psum(jnp.sum(per_entry), tuple(a for a in axes if a))
 
 
-def aux_k_loss(params: Params, pre: jax.Array, residual: jax.Array, dead: jax.Array) -> jax.Array:
-    """The k_aux = d_in/2 largest dead latents of each row reconstruct the residual [B, d_in]
-    (no b_dec), normalised by the residual's variance. 0 when nothing is dead; with fewer than
-    k_aux dead latents, all of them are used."""
-    d_in = residual.shape[-1]
-    k_aux = min(d_in // 2, pre.shape[-1])
-    dead_acts = jnp.where(dead, jax.nn.relu(pre), -jnp.inf)
-    vals, idx = lax.top_k(dead_acts, k_aux)
-    vals = jnp.where(jnp.isfinite(vals), vals, 0.0)  # rows with fewer dead latents than k_aux
-    rows = jnp.arange(pre.shape[0])[:, None]
-    aux_codes = jnp.zeros_like(pre).at[rows, idx].set(vals)
-    aux_hat = aux_codes @ params["W_dec"]
-    total_var = jnp.sum((residual - residual.mean(0)) ** 2)
-    loss = jnp.sum((residual - aux_hat) ** 2) / jnp.maximum(total_var, 1e-12)
-    return jnp.where(jnp.any(dead), loss, 0.0)
+def aux_k_loss(
+    params: Params, pre: jax.Array, residual: jax.Array, dead: jax.Array, axes: Axes = ONE_DEVICE
+) -> jax.Array:
+    """The k_aux = d_in/2 largest dead latents of each row reconstruct the residual [b, d_in]
+    (no b_dec), normalised by the residual's variance over the batch. 0 when nothing is dead; with
+    fewer than k_aux dead latents, all of them are used."""
+    n_latents = pre.shape[1] * (lax.axis_size(axes.model) if axes.model else 1)
+    k_aux = min(residual.shape[-1] // 2, n_latents)
+    acts = jax.nn.relu(pre)
+    dead_acts = jnp.where(dead, acts, -1.0)  # below every live ReLU value: only dead ones are chosen
+    chosen = topk_mask(dead_acts, k_aux, k_aux, axes.model) & dead
+    aux_hat = psum(jnp.where(chosen, acts, 0.0) @ params["W_dec"], axes.model)
+    loss = psum(jnp.sum((residual - aux_hat) ** 2), axes.data) / _total_variance(residual, axes)
+    return jnp.where(psum(jnp.sum(dead), axes.model) > 0, loss, 0.0)
 
 
-def reconstruction_metrics(x: jax.Array, x_hat: jax.Array, codes: jax.Array) -> dict[str, jax.Array]:
-    """MSE (per element), normalised MSE (‖x − x̂‖² / ‖x − mean x‖²), FVE = 1 − nMSE, mean L0."""
-    err = jnp.sum((x - x_hat) ** 2)
-    var = jnp.sum((x - x.mean(0)) ** 2)
-    nmse = err / jnp.maximum(var, 1e-12)
-    return {
-        "mse": err / x.size,
-        "nmse": nmse,
-        "fve": 1.0 - nmse,
-        "l0": jnp.mean(jnp.sum(codes != 0, axis=-1)),
-    }
+def _total_variance(x: jax.Array, axes: Axes) -> jax.Array:
+    """Σ ‖x − x̄‖² over the global batch; x̄ is the global row mean."""
+    n = psum(x.shape[0], axes.data)
+    mean = psum(jnp.sum(x, axis=0), axes.data) / n
+    return jnp.maximum(psum(jnp.sum((x - mean) ** 2), axes.data), 1e-12)
+
+
+def reconstruction_metrics(
+    x: jax.Array, x_hat: jax.Array, fired: jax.Array, axes: Axes = ONE_DEVICE
+) -> dict[str, jax.Array]:
+    """MSE (per element), normalised MSE (‖x − x̂‖² / ‖x − x̄‖²), FVE = 1 − nMSE, mean L0 (from the
+    boolean `fired` [b, f])."""
+    n = psum(x.shape[0], axes.data)
+    err = psum(jnp.sum((x - x_hat) ** 2), axes.data)
+    nmse = err / _total_variance(x, axes)
+    l0 = psum(jnp.sum(fired, dtype=jnp.float32), tuple(a for a in axes if a)) / n
+    return {"mse": err / (n * x.shape[1]), "nmse": nmse, "fve": 1.0 - nmse, "l0": l0}

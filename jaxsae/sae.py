@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsae.activations import batchtopk_mask, jumprelu, topk_mask
+from jaxsae.activations import jumprelu
 from jaxsae.config import SAEConfig
+from jaxsae.selection import batchtopk_mask, topk_mask, vary
 
 Params = dict[str, jax.Array]
 
@@ -70,11 +71,14 @@ def activate(
     training: bool = False,
     k: jax.Array | int | None = None,
     k_max: int | None = None,
+    data: str | None = None,
+    model: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Codes [B, d_sae] from pre-activations, and a scalar: batchtopk's smallest kept value (0 otherwise).
 
     batchtopk keeps exactly k·B codes of the batch when `training`, else those above `threshold`.
-    `k` overrides cfg.k (it may be traced; then `k_max` bounds it)."""
+    `k` overrides cfg.k (it may be traced; then `k_max` bounds it). Inside shard_map, `data` and
+    `model` name the mesh axes that split the rows and the latents."""
     k = cfg.k if k is None else k
     k_max = k_max or (k if isinstance(k, int) else cfg.k)
     zero = jnp.zeros((), pre.dtype)
@@ -82,11 +86,11 @@ def activate(
     if cfg.architecture == "relu":
         return acts, zero
     if cfg.architecture == "topk":
-        return jnp.where(topk_mask(acts, k, k_max), acts, 0.0), zero
+        return jnp.where(topk_mask(acts, k, k_max, model), acts, 0.0), zero
     if cfg.architecture == "jumprelu":
-        return jumprelu(pre, jnp.exp(params["log_threshold"]), cfg.jumprelu_bandwidth), zero
+        return jumprelu(pre, vary(jnp.exp(params["log_threshold"]), data), cfg.jumprelu_bandwidth), zero
     if training:
-        mask, smallest = batchtopk_mask(acts, k, k_max)
+        mask, smallest = batchtopk_mask(acts, k, data, model)
         return jnp.where(mask, acts, 0.0), smallest
     return jnp.where(acts > params["threshold"], acts, 0.0), zero
 

@@ -1,21 +1,28 @@
-"""The training step: a pure function of (state, batch), one SAE; `vmap`ped over the `sae` axis.
+"""The training step: a pure function of (state, batch) over every SAE on the `sae` axis, compiled
+once with explicit shardings on a ('sae', 'data', 'model') mesh.
 
-State arrays of one SAE: params (see jaxsae.sae), optax Adam state over the trainable params,
-`tokens_since_fired` [d_sae] int32, `fire_count` [d_sae] int32 (since the last log), `step` int32,
-`input_scale` float32. On the `sae` axis every leaf gains a leading [S] dimension.
+State of S SAEs (leading [S] axis on every leaf): params (see jaxsae.sae), optax Adam state over the
+trainable params, `tokens_since_fired` [S, F] int32, `fire_count` [S, F] int32 (since the last log),
+`step` [S] int32, `input_scale` [S] float32. The loss runs inside `shard_map` (exact selection across
+shards, see jaxsae.selection); the optimiser update is element-wise and partitioned by the compiler.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from jaxsae import sae
 from jaxsae.config import RunConfig, SAEConfig, TrainConfig
-from jaxsae.losses import LossHParams, sae_loss
+from jaxsae.losses import Axes, LossHParams, LossOut, sae_loss
+from jaxsae.selection import DATA, MODEL, SAE
+from jaxsae.sharding import BATCH, named, params_specs, state_specs
 
 _TOKENS_CAP = 2**30  # tokens_since_fired saturates here instead of overflowing int32
 
@@ -40,7 +47,7 @@ def learning_rate(tc: TrainConfig, step: jax.Array) -> jax.Array:
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    """Adam with the schedule above, optionally after global-norm clipping."""
+    """Adam with the schedule above, optionally after global-norm clipping (per SAE)."""
     adam = optax.adam(lambda s: learning_rate(tc, s), b1=tc.adam_b1, b2=tc.adam_b2)
     if tc.max_grad_norm > 0:
         return optax.chain(optax.clip_by_global_norm(tc.max_grad_norm), adam)
@@ -51,8 +58,12 @@ def trainable(params: dict) -> dict:
     return {k: v for k, v in params.items() if k in sae.TRAINABLE}
 
 
-def init_state(cfg: RunConfig, key: jax.Array, sample: jax.Array, input_scale: float) -> TrainState:
-    """State of one SAE; `sample` [N, d_in] raw rows (for b_dec), `input_scale` a float."""
+def frozen(params: dict) -> dict:
+    return {k: v for k, v in params.items() if k not in sae.TRAINABLE}
+
+
+def init_state(cfg: RunConfig, key: jax.Array, sample: jax.Array, input_scale: jax.Array) -> TrainState:
+    """State of one SAE (no `sae` axis); `sample` [N, d_in] raw rows (for b_dec)."""
     params = sae.init(cfg.sae, key, sample * input_scale)
     d_sae = cfg.sae.d_sae
     return TrainState(
@@ -63,6 +74,15 @@ def init_state(cfg: RunConfig, key: jax.Array, sample: jax.Array, input_scale: f
         step=jnp.zeros((), jnp.int32),
         input_scale=jnp.asarray(input_scale, jnp.float32),
     )
+
+
+def init_states(cfg: RunConfig, sample: jax.Array, input_scale: float, mesh: Mesh) -> TrainState:
+    """States of every SAE (one per seed in cfg.train.seeds), created already sharded on `mesh`:
+    no device or host ever holds a whole dictionary."""
+    keys = jax.vmap(jax.random.key)(jnp.asarray(cfg.train.seeds, jnp.uint32))
+    init = jax.vmap(lambda key, x: init_state(cfg, key, x, jnp.float32(input_scale)), in_axes=(0, None))
+    shardings = named(mesh, state_specs(jax.eval_shape(init, keys, sample)))
+    return jax.jit(init, out_shardings=shardings)(keys, sample)
 
 
 def loss_hparams(cfg: RunConfig, k: jax.Array, step: jax.Array) -> LossHParams:
@@ -83,59 +103,72 @@ def project_out_parallel(w_dec: jax.Array, grad: jax.Array) -> jax.Array:
 def update_threshold(cfg: SAEConfig, threshold: jax.Array, smallest: jax.Array, step: jax.Array) -> jax.Array:
     """batchtopk's inference threshold: from `threshold_start_step`, an EMA of the smallest kept value
     (the first value taken as is)."""
-    ema = jnp.where(
-        threshold < 0, smallest, cfg.threshold_beta * threshold + (1 - cfg.threshold_beta) * smallest
-    )
+    beta = cfg.threshold_beta
+    ema = jnp.where(threshold < 0, smallest, beta * threshold + (1 - beta) * smallest)
     return jnp.where(step >= cfg.threshold_start_step, ema, threshold)
 
 
-def make_step(cfg: RunConfig, k_max: int | None = None):
-    """`step(state, x [B, d_in] raw, k int32) -> (state, metrics)` for one SAE (pure; jit or vmap it)."""
+def sharded_loss(cfg: RunConfig, mesh: Mesh):
+    """`loss(trainable, frozen, x, dead, hp, scale) -> (Σ of the SAEs' losses, LossOut of [S] leaves)`,
+    the per-device work under shard_map and vmapped over the SAEs a device holds."""
+    k_max = max(cfg.sae_ks())
+
+    def one_sae(p, fixed, x, dead, hp, scale):
+        return sae_loss(cfg.sae, {**p, **fixed}, x * scale, dead, hp, k_max, Axes(DATA, MODEL))
+
+    per_device = jax.vmap(one_sae, in_axes=(0, 0, None, 0, 0, 0))
+    out_specs = (P(SAE), LossOut(P(SAE, MODEL), P(SAE), P(SAE)))
+
+    def loss(p, fixed, x, dead, hp, scale):
+        in_specs = (params_specs(p), params_specs(fixed), BATCH, P(SAE, MODEL), P(SAE), P(SAE))
+        mapped = jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+        losses, out = mapped(p, fixed, x, dead, hp, scale)
+        return losses.sum(), out
+
+    return loss
+
+
+def make_train_step(cfg: RunConfig, mesh: Mesh, state: TrainState):
+    """The jitted step `(state, x [B, d_in] raw, ks [S] int32) -> (state, metrics of [S] leaves)`;
+    `state` (arrays or ShapeDtypeStructs) gives the structure for the shardings. Donates `state`."""
     opt = make_optimizer(cfg.train)
-    k_max = k_max or max(cfg.sae_ks())
+    loss = sharded_loss(cfg, mesh)
 
-    def step(state: TrainState, x: jax.Array, k: jax.Array) -> tuple[TrainState, dict]:
-        x = x * state.input_scale
+    def step(state: TrainState, x: jax.Array, ks: jax.Array) -> tuple[TrainState, dict]:
         dead = state.tokens_since_fired >= cfg.train.dead_tokens
-        hp = loss_hparams(cfg, k, state.step)
-        frozen = {n: v for n, v in state.params.items() if n not in sae.TRAINABLE}
-
-        def loss_fn(p):
-            return sae_loss(cfg.sae, {**p, **frozen}, x, dead, hp, k_max)
-
-        grads, out = jax.grad(loss_fn, has_aux=True)(trainable(state.params))
-        grads["W_dec"] = project_out_parallel(state.params["W_dec"], grads["W_dec"])
-        updates, opt_state = opt.update(grads, state.opt_state, trainable(state.params))
-        params = {**optax.apply_updates(trainable(state.params), updates), **frozen}
-        params["W_dec"] = sae.unit_rows(params["W_dec"])
-        if "threshold" in params:
-            params["threshold"] = update_threshold(
-                cfg.sae, params["threshold"], out.smallest_kept, state.step
-            )
-        fired = jnp.any(out.codes != 0, axis=0)
-        metrics = dict(out.metrics, dead_fraction=jnp.mean(dead), lr=learning_rate(cfg.train, state.step))
+        hp = jax.vmap(partial(loss_hparams, cfg))(ks, state.step)
+        params = trainable(state.params)
+        grads, out = jax.grad(loss, has_aux=True)(
+            params, frozen(state.params), x, dead, hp, state.input_scale
+        )
+        grads["W_dec"] = project_out_parallel(params["W_dec"], grads["W_dec"])
+        updates, opt_state = jax.vmap(opt.update)(grads, state.opt_state, params)
+        new_params = {**optax.apply_updates(params, updates), **frozen(state.params)}
+        new_params["W_dec"] = sae.unit_rows(new_params["W_dec"])
+        if "threshold" in new_params:
+            update = jax.vmap(partial(update_threshold, cfg.sae))
+            new_params["threshold"] = update(new_params["threshold"], out.smallest_kept, state.step)
+        fired = out.fire_count > 0
+        tokens = jnp.minimum(state.tokens_since_fired + x.shape[0], _TOKENS_CAP)
+        metrics = dict(
+            out.metrics,
+            dead_fraction=jnp.mean(dead, axis=-1),
+            lr=jax.vmap(partial(learning_rate, cfg.train))(state.step),
+        )
         new_state = TrainState(
-            params=params,
+            params=new_params,
             opt_state=opt_state,
-            tokens_since_fired=jnp.where(
-                fired, 0, jnp.minimum(state.tokens_since_fired + x.shape[0], _TOKENS_CAP)
-            ),
-            fire_count=state.fire_count + jnp.sum(out.codes != 0, axis=0, dtype=jnp.int32),
+            tokens_since_fired=jnp.where(fired, 0, tokens),
+            fire_count=state.fire_count + out.fire_count,
             step=state.step + 1,
             input_scale=state.input_scale,
         )
         return new_state, metrics
 
-    return step
-
-
-def make_multi_step(cfg: RunConfig):
-    """The step over the `sae` axis: state leaves [S, ...], x [B, d_in] shared by all, ks [S]; jitted."""
-    step = make_step(cfg)
-    return jax.jit(jax.vmap(step, in_axes=(0, None, 0)), donate_argnums=0)
-
-
-def init_multi_state(cfg: RunConfig, sample: jax.Array, input_scale: float) -> TrainState:
-    """States of every SAE on the `sae` axis (one per seed in cfg.train.seeds), stacked."""
-    states = [init_state(cfg, jax.random.key(seed), sample, input_scale) for seed in cfg.train.seeds]
-    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+    state_shardings = named(mesh, state_specs(state))
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, named(mesh, BATCH), named(mesh, P(SAE))),
+        out_shardings=(state_shardings, named(mesh, P(SAE))),
+        donate_argnums=0,
+    )

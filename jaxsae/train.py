@@ -16,10 +16,11 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxsae import checkpoint
-from jaxsae.config import RunConfig, save_config
+from jaxsae.config import ConfigError, RunConfig, save_config
 from jaxsae.data import RowSource, batches, check_finite, load_source, sample_rows
 from jaxsae.sae import estimate_input_scale
-from jaxsae.step import TrainState, init_multi_state, make_multi_step
+from jaxsae.sharding import BATCH, make_mesh, named
+from jaxsae.step import TrainState, init_states, make_train_step
 from jaxsae.synthetic import atoms_recovered
 
 # Firing-rate histogram bins (log10 of the fraction of tokens a latent fires on); "never" counted apart.
@@ -46,13 +47,15 @@ def train(cfg: RunConfig, source: RowSource | None = None, *, resume: bool = Fal
     save_config(cfg, out / "config.yaml")
     sample = sample_rows(source.rows, tc.scale_sample_rows, cfg.data.seed)
     check_finite(sample, f"{source.description} (input-scale sample)")
-    state = init_multi_state(cfg, jnp.asarray(sample), estimate_input_scale(sample))
+    mesh = make_mesh(cfg.mesh)
+    check_divisible(cfg, mesh)
+    state = init_states(cfg, jnp.asarray(sample), estimate_input_scale(sample), mesh)
     mgr = checkpoint.manager(out / "checkpoints")
     if resume and mgr.latest_step() is not None:
         state = checkpoint.restore_state(mgr, state)
     start = int(np.asarray(state.step)[0])
     try:
-        state, last = _loop(cfg, source, state, start, mgr, out / "metrics.jsonl")
+        state, last = _loop(cfg, mesh, source, state, start, mgr, out / "metrics.jsonl")
         if int(np.asarray(state.step)[0]) != mgr.latest_step():
             checkpoint.save(mgr, state, cfg, {"tokens_seen": int(state.step[0]) * tc.batch_size})
     finally:
@@ -64,17 +67,29 @@ def train(cfg: RunConfig, source: RowSource | None = None, *, resume: bool = Fal
     return TrainResult(state, last, found)
 
 
-def _loop(cfg, source, state, start, mgr, metrics_path):
+def check_divisible(cfg: RunConfig, mesh) -> None:
+    """The mesh must split the SAEs, the batch and the latents evenly."""
+    for what, n, axis in (
+        ("train.seeds (SAEs)", cfg.train.n_saes, "sae"),
+        ("train.batch_size", cfg.train.batch_size, "data"),
+        ("sae.d_sae", cfg.sae.d_sae, "model"),
+    ):
+        if n % mesh.shape[axis]:
+            raise ConfigError(f"{what} = {n} is not divisible by the mesh's {axis} axis ({mesh.shape[axis]})")
+
+
+def _loop(cfg, mesh, source, state, start, mgr, metrics_path):
     tc = cfg.train
-    step_fn = make_multi_step(cfg)
+    step_fn = make_train_step(cfg, mesh, state)
     ks = jnp.asarray(cfg.sae_ks(), jnp.int32)
+    batch_sharding = named(mesh, BATCH)
     data = batches(source.rows, tc.batch_size, cfg.data.seed, start_step=start)
     last: list[dict] = []
     bar = tqdm(total=tc.steps, initial=start, unit="step", disable=not tc.progress, dynamic_ncols=True)
     t0, window_start, fire_since = time.perf_counter(), start, start
     with bar, open(metrics_path, "a") as log:
         for step in range(start, tc.steps):
-            state, metrics = step_fn(state, jnp.asarray(next(data)), ks)
+            state, metrics = step_fn(state, jax.device_put(next(data), batch_sharding), ks)
             bar.update(1)
             done = step + 1
             if step == start:  # time from here: the first step includes compilation
@@ -90,7 +105,8 @@ def _loop(cfg, source, state, start, mgr, metrics_path):
             log.writelines(json.dumps(rec) + "\n" for rec in last)
             log.flush()
             bar.set_postfix_str(_postfix(last, tokens_per_s))
-            state = state._replace(fire_count=jnp.zeros_like(state.fire_count))
+            zeros = jnp.zeros(state.fire_count.shape, state.fire_count.dtype)
+            state = state._replace(fire_count=jax.device_put(zeros, state.fire_count.sharding))
             if tc.checkpoint_every and done % tc.checkpoint_every == 0:
                 checkpoint.save(mgr, state, cfg, {"tokens_seen": done * tc.batch_size})
             t0, window_start, fire_since = time.perf_counter(), done, done

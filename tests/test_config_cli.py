@@ -66,7 +66,10 @@ def _run(args, cwd):
         (["train", "--sae.d_in=x"], "sae.d_in: expected an integer"),
         (["train", "--data.source=nowhere.npy"], "data.source: file not found: nowhere.npy"),
         (["train", "--data.source=wrong.npy"], "wrong.npy: expected shape [N, 64] (sae.d_in), got [10, 3]"),
-        (["train", "--data.source=nan.npy", "--train.steps=1"], "nan.npy (input-scale sample): row 7 is not finite"),
+        (
+            ["train", "--data.source=nan.npy", "--train.steps=1"],
+            "nan.npy (input-scale sample): row 7 is not finite",
+        ),
     ],
 )
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, args, message):
@@ -85,15 +88,26 @@ def test_cli_trains_on_npy(tmp_path):
     rng = np.random.default_rng(0)
     np.save(tmp_path / "acts.npy", rng.standard_normal((2048, 16)).astype(np.float32))
     proc = _run(
-        ["train", "--data.source=acts.npy", "--sae.d_in=16", "--sae.d_sae=32", "--sae.k=4",
-         "--train.steps=6", "--train.batch_size=256", "--train.log_every=3", "--train.out_dir=run",
-         "--train.progress=false"],
+        [
+            "train",
+            "--data.source=acts.npy",
+            "--sae.d_in=16",
+            "--sae.d_sae=32",
+            "--sae.k=4",
+            "--train.steps=6",
+            "--train.batch_size=256",
+            "--train.log_every=3",
+            "--train.out_dir=run",
+            "--train.progress=false",
+        ],
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 6]
-    assert {"fve", "nmse", "mse", "l0", "dead_fraction", "tokens_per_s", "firing_rate_hist"} <= set(records[0])
+    assert {"fve", "nmse", "mse", "l0", "dead_fraction", "tokens_per_s", "firing_rate_hist"} <= set(
+        records[0]
+    )
     assert sum(records[-1]["firing_rate_hist"]["counts"]) + records[-1]["firing_rate_hist"]["never"] == 32
     assert (tmp_path / "run/checkpoints/6").is_dir()
     saved = load_config(tmp_path / "run/config.yaml")

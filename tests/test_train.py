@@ -5,17 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsae.config import DataConfig, RunConfig, SAEConfig, TrainConfig
+from jaxsae.config import DataConfig, MeshConfig, RunConfig, SAEConfig, TrainConfig
 from jaxsae.evaluate import evaluate
-from jaxsae.step import (
-    init_multi_state,
-    init_state,
-    learning_rate,
-    make_multi_step,
-    make_step,
-    project_out_parallel,
-    update_threshold,
-)
+from jaxsae.sharding import make_mesh
+from jaxsae.step import init_states, learning_rate, make_train_step, project_out_parallel, update_threshold
 from jaxsae.synthetic import atoms_recovered, planted_dictionary, planted_rows
 from jaxsae.train import train
 
@@ -25,7 +18,17 @@ def _small(arch="topk", **train_kw) -> RunConfig:
         sae=SAEConfig(d_in=16, d_sae=64, architecture=arch, k=3, threshold_start_step=2),
         data=DataConfig(n_atoms=32, active=3, n_rows=4096),
         train=TrainConfig(**{"steps": 20, "batch_size": 256, "dead_tokens": 512, **train_kw}),
+        mesh=ONE_DEVICE,
     )
+
+
+ONE_DEVICE = MeshConfig(data=1)
+
+
+def _start(cfg: RunConfig, sample, scale: float = 1.0):
+    mesh = make_mesh(cfg.mesh)
+    state = init_states(cfg, jnp.asarray(sample), scale, mesh)
+    return state, make_train_step(cfg, mesh, state)
 
 
 def _rows(cfg: RunConfig, n: int = 4096) -> np.ndarray:
@@ -37,15 +40,15 @@ def _rows(cfg: RunConfig, n: int = 4096) -> np.ndarray:
 def test_decoder_rows_stay_unit_norm_and_every_param_moves(arch):
     cfg = _small(arch, sparsity_coefficient=0.1)
     x = jnp.asarray(_rows(cfg)[:256])
-    state = init_state(cfg, jax.random.key(0), x, 1.0)
-    step = jax.jit(make_step(cfg))
+    state, step = _start(cfg, x)
+    first = jax.tree.map(np.asarray, state.params)
     new = state
     for _ in range(3):
-        new, metrics = step(new, x, jnp.int32(cfg.sae.k))
-    np.testing.assert_allclose(np.linalg.norm(new.params["W_dec"], axis=1), 1.0, rtol=1e-5)
+        new, metrics = step(new, x, jnp.asarray([cfg.sae.k]))
+    np.testing.assert_allclose(np.linalg.norm(new.params["W_dec"], axis=-1), 1.0, rtol=1e-5)
     for name in ("W_enc", "b_enc", "W_dec", "b_dec") + (("log_threshold",) if arch == "jumprelu" else ()):
-        assert not np.array_equal(new.params[name], state.params[name]), name
-    assert np.isfinite(float(metrics["loss"]))
+        assert not np.array_equal(new.params[name], first[name]), name
+    assert np.isfinite(float(metrics["loss"][0]))
 
 
 def test_gradient_projection_removes_the_parallel_component():
@@ -59,7 +62,9 @@ def test_gradient_projection_removes_the_parallel_component():
 
 
 def test_batchtopk_threshold_ema():
-    cfg = SAEConfig(d_in=4, d_sae=8, architecture="batchtopk", k=2, threshold_start_step=3, threshold_beta=0.9)
+    cfg = SAEConfig(
+        d_in=4, d_sae=8, architecture="batchtopk", k=2, threshold_start_step=3, threshold_beta=0.9
+    )
     t = jnp.float32(-1.0)
     for step, smallest in enumerate([5.0, 5.0, 5.0, 2.0, 4.0]):
         t = update_threshold(cfg, t, jnp.float32(smallest), jnp.int32(step))
@@ -81,23 +86,26 @@ def test_sae_axis_equals_each_sae_trained_alone(arch):
     cfg = RunConfig(
         sae=SAEConfig(d_in=16, d_sae=64, architecture=arch, k=5, threshold_start_step=2),
         train=TrainConfig(steps=20, batch_size=256, seeds=(0, 1, 2, 3), ks=(2, 3, 4, 5), dead_tokens=512),
+        mesh=ONE_DEVICE,
     )
     rows = _rows(cfg)
-    sample = jnp.asarray(rows[:512])
-    multi = init_multi_state(cfg, sample, 0.7)
-    multi_step = make_multi_step(cfg)
+    sample = rows[:512]
+    multi, multi_step = _start(cfg, sample, 0.7)
     batches = [jnp.asarray(rows[i * 256 : (i + 1) * 256]) for i in range(8)]
     for x in batches:
         multi, _ = multi_step(multi, x, jnp.asarray(cfg.sae_ks()))
     for i, (seed, k) in enumerate(zip(cfg.train.seeds, cfg.sae_ks(), strict=True)):
-        alone_cfg = RunConfig(sae=SAEConfig(**{**vars(cfg.sae), "k": k}), train=cfg.train)
-        state = init_state(alone_cfg, jax.random.key(seed), sample, 0.7)
-        step = jax.jit(make_step(alone_cfg, k_max=k))
+        alone_cfg = RunConfig(
+            sae=SAEConfig(**{**vars(cfg.sae), "k": k}),
+            train=TrainConfig(**{**vars(cfg.train), "seeds": (seed,), "ks": ()}),
+            mesh=ONE_DEVICE,
+        )
+        state, step = _start(alone_cfg, sample, 0.7)
         for x in batches:
-            state, _ = step(state, x, jnp.int32(k))
+            state, _ = step(state, x, jnp.asarray([k]))
         for name, value in state.params.items():
-            np.testing.assert_allclose(multi.params[name][i], value, rtol=2e-4, atol=2e-5, err_msg=name)
-        np.testing.assert_array_equal(multi.tokens_since_fired[i], state.tokens_since_fired)
+            np.testing.assert_allclose(multi.params[name][i], value[0], rtol=2e-4, atol=2e-5, err_msg=name)
+        np.testing.assert_array_equal(multi.tokens_since_fired[i], state.tokens_since_fired[0])
 
 
 # Planted dictionaries: d 128, 512 atoms, 4 active per row, F 1024 (DESIGN.md: with 8 active in d 64 the
@@ -121,9 +129,14 @@ def test_planted_dictionary_is_recovered(arch, tmp_path):
         ),
         data=DataConfig(n_atoms=512, active=4, noise=0.01, n_rows=60_000),
         train=TrainConfig(
-            batch_size=1024, dead_tokens=200_000, log_every=100, out_dir=str(tmp_path), progress=False,
+            batch_size=1024,
+            dead_tokens=200_000,
+            log_every=100,
+            out_dir=str(tmp_path),
+            progress=False,
             **PLANTED[arch],
         ),
+        mesh=ONE_DEVICE,
     )
     result = train(cfg)
     params = {k: np.asarray(v[0]) for k, v in result.state.params.items()}
@@ -140,7 +153,9 @@ def test_planted_dictionary_is_recovered(arch, tmp_path):
 def test_resume_from_a_checkpoint_is_bit_exact(tmp_path):
     import shutil
 
-    cfg = _small("batchtopk", steps=30, log_every=5, checkpoint_every=15, out_dir=str(tmp_path), progress=False)
+    cfg = _small(
+        "batchtopk", steps=30, log_every=5, checkpoint_every=15, out_dir=str(tmp_path), progress=False
+    )
     straight = train(cfg)
     shutil.rmtree(tmp_path / "checkpoints" / "30")  # as if killed between steps 15 and 30
     resumed = train(cfg, resume=True)

@@ -1,0 +1,229 @@
+"""Export jaxsae SAEs to the PyTorch SAE libraries' formats, and import theirs.
+
+One module per format holds that format's key names and conventions: `saelens` (SAELens >= 6),
+`dictionary_learning`, `sparsify`. Exports fold the input scale into the weights
+(`jaxsae.sae.fold_input_scale`), so an exported SAE takes raw activations. batchtopk exports as a threshold
+SAE (SAELens: jumprelu with θ broadcast; dictionary_learning: BatchTopKSAE); sparsify holds topk only.
+
+    export_checkpoint("runs/x", "saelens", "out")    -> [out/seed0_k4, out/seed1_k4]
+    import_sae("out/seed0_k4")                       -> (SAEConfig, params)
+    import_to_checkpoint("out/seed0_k4", "runs/y")   -> runs/y, a run `jaxsae train --resume` continues
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from jaxsae.config import SAEConfig
+from jaxsae.export import dictionary_learning, saelens, sparsify
+from jaxsae.export._common import DTYPES, ExportError, Names, Params
+from jaxsae.sae import fold_input_scale
+
+__all__ = [
+    "FORMATS",
+    "ExportError",
+    "detect_format",
+    "export_checkpoint",
+    "export_sae",
+    "import_sae",
+    "import_to_checkpoint",
+]
+
+FORMATS: dict[str, ModuleType] = {m.NAME: m for m in (saelens, dictionary_learning, sparsify)}
+_ALIASES = {"sae_lens": "saelens", "sae-lens": "saelens", "dictionary_learning": "dictionary-learning"}
+
+
+def format_module(fmt: str) -> ModuleType:
+    """The module of format `fmt` (a FORMATS key or an alias such as 'dictionary_learning')."""
+    name = _ALIASES.get(fmt, fmt)
+    if name not in FORMATS:
+        raise ExportError(f"unknown format '{fmt}' (known: {', '.join(FORMATS)})")
+    return FORMATS[name]
+
+
+def export_sae(
+    sae_cfg: SAEConfig,
+    params: dict[str, Any],
+    input_scale: float,
+    fmt: str,
+    out_dir: str | Path,
+    *,
+    hook_name: str,
+    model_name: str,
+    dtype: str = "float32",
+    layer: int | None = None,
+) -> Path:
+    """Writes one SAE (params without the sae axis, float32, jaxsae layout) in format `fmt` under
+    `out_dir`, with `input_scale` folded in; returns the folder `import_sae` reads back.
+
+    `dtype` "float32" or "bfloat16" is the dtype of the written weights. ExportError when the format
+    cannot represent `sae_cfg.architecture`, or on bad arguments."""
+    module = format_module(fmt)
+    arch = sae_cfg.architecture
+    if arch not in module.ARCHITECTURES:
+        raise ExportError(
+            f"{module.NAME} cannot represent architecture '{arch}': {module.UNSUPPORTED[arch]} "
+            f"(it holds {', '.join(module.ARCHITECTURES)})"
+        )
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+    params = _checked(sae_cfg, params)
+    if arch == "batchtopk" and float(params["threshold"]) < 0:
+        warnings.warn(
+            "batchtopk threshold not set yet (trained fewer than sae.threshold_start_step steps): "
+            "the export encodes like a dense ReLU SAE",
+            stacklevel=2,
+        )
+    folded = fold_input_scale(params, np.float32(input_scale))
+    names = Names(hook_name, model_name, layer, float(input_scale))
+    return module.write(sae_cfg, folded, Path(out_dir), names, dtype)
+
+
+def _checked(cfg: SAEConfig, params: dict[str, Any]) -> Params:
+    """`params` as float32 numpy, each key present with the shape `cfg` implies."""
+    shapes = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in)}
+    shapes["b_dec"] = (cfg.d_in,)
+    if cfg.architecture == "jumprelu":
+        shapes["log_threshold"] = (cfg.d_sae,)
+    if cfg.architecture == "batchtopk":
+        shapes["threshold"] = ()
+    out = {}
+    for key, shape in shapes.items():
+        if key not in params:
+            raise ExportError(f"params: missing key '{key}' ({cfg.architecture} SAE)")
+        out[key] = np.asarray(params[key], np.float32)
+        if out[key].shape != shape:
+            raise ExportError(f"params: key '{key}' has shape {list(out[key].shape)}, expected {list(shape)}")
+    return out
+
+
+def export_checkpoint(
+    ckpt_path: str | Path,
+    fmt: str,
+    out_dir: str | Path,
+    *,
+    hook_name: str | None = None,
+    model_name: str | None = None,
+    dtype: str = "float32",
+    step: int | None = None,
+) -> list[Path]:
+    """Exports every SAE on the sae axis of a checkpoint (latest step unless `step`) to
+    `out_dir/seed<S>_k<K>/`, one folder per SAE; returns those folders.
+
+    `hook_name`/`model_name` default to what the run's data source records (a store manifest's hook and
+    encoder), else the source's name."""
+    from jaxsae import checkpoint  # orbax: only when a checkpoint is read
+
+    format_module(fmt)  # fail on a bad format before reading anything
+    ckpt = checkpoint.load(ckpt_path, step)
+    default_hook, default_model, layer = _run_names(ckpt.config.data.source, ckpt.meta)
+    folders: list[Path] = []
+    for i, (seed, k) in enumerate(zip(ckpt.config.train.seeds, ckpt.config.sae_ks(), strict=True)):
+        name = f"seed{seed}_k{k}"
+        if Path(out_dir, name) in folders:  # the same seed and k twice on the sae axis
+            name = f"{name}_sae{i}"
+        folder = export_sae(
+            dataclasses.replace(ckpt.config.sae, k=k),
+            {key: value[i] for key, value in ckpt.params.items()},
+            float(ckpt.input_scale[i]),
+            fmt,
+            Path(out_dir, name),
+            hook_name=hook_name or default_hook,
+            model_name=model_name or default_model,
+            dtype=dtype,
+            layer=layer,
+        )
+        folders.append(folder)
+    return folders
+
+
+def _run_names(source: str, meta: dict) -> tuple[str, str, int | None]:
+    """(hook name, model name, layer) of a run: from its checkpoint metadata, else from the manifest of an
+    activation-store source, else the source's name ('planted' for synthetic rows)."""
+    manifest: dict = {}
+    path = Path(source)
+    if source != "planted" and (path / "manifest.json").is_file():
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+        except (OSError, ValueError):
+            manifest = {}  # names are metadata only: a bad manifest falls back to the source's name
+    fallback = "planted" if source == "planted" else path.stem
+    hook = meta.get("hook_name") or manifest.get("hook") or fallback
+    model = meta.get("model_name") or manifest.get("encoder") or fallback
+    layer = meta.get("layer", manifest.get("layer"))
+    return str(hook), str(model), layer if isinstance(layer, int) else None
+
+
+def detect_format(path: str | Path) -> tuple[str, Path]:
+    """(format name, the folder to read) of an export at `path`, or ExportError saying why not."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ExportError(f"{path}: not a folder" if path.exists() else f"{path}: not found")
+    hits = [(name, folder) for name, m in FORMATS.items() if (folder := m.find(path)) is not None]
+    if len(hits) > 1:
+        raise ExportError(
+            f"{path}: holds files of several formats ({', '.join(n for n, _ in hits)}); pass one"
+        )
+    if hits:
+        return hits[0]
+    hint = " (it is a jaxsae run folder: use it directly)" if (path / "checkpoints").is_dir() else ""
+    expected = "; ".join(f"{name}: {m.LAYOUT}" for name, m in FORMATS.items())
+    raise ExportError(f"{path}: no SAE export found{hint} (expected {expected})")
+
+
+def import_sae(path: str | Path) -> tuple[SAEConfig, Params]:
+    """The SAEConfig and params (float32 numpy, jaxsae layout, taking raw activations) of an SAE saved in
+    any of FORMATS at `path`; the format is detected from the files."""
+    name, folder = detect_format(path)
+    return FORMATS[name].read(folder)
+
+
+def import_to_checkpoint(path: str | Path, out_run_dir: str | Path) -> Path:
+    """Imports the SAE at `path` into a new jaxsae run folder: config.yaml (the imported SAEConfig, default
+    data and train sections) and a step-0 checkpoint with a sae axis of 1, input_scale 1 and fresh Adam
+    state, which `jaxsae.checkpoint.load` reads and `jaxsae.train.train(cfg, resume=True)` continues."""
+    from jaxsae import checkpoint
+    from jaxsae.config import RunConfig, TrainConfig, save_config
+
+    name, folder = detect_format(path)
+    sae_cfg, params = FORMATS[name].read(folder)
+    out = Path(out_run_dir)
+    if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+        raise ExportError(f"{out / 'checkpoints'}: already holds checkpoints; import into a new run folder")
+    cfg = RunConfig(sae=sae_cfg, train=TrainConfig(out_dir=str(out)))
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    mgr = checkpoint.manager(out / "checkpoints")
+    try:
+        extra = {"tokens_seen": 0, "imported_from": str(Path(folder).resolve()), "imported_format": name}
+        checkpoint.save(mgr, _fresh_state(cfg, params), cfg, extra)
+    finally:
+        mgr.wait_until_finished()
+        mgr.close()
+    return out
+
+
+def _fresh_state(cfg: Any, params: Params) -> Any:
+    """A TrainState holding `params` with a leading sae axis of 1, as `init_multi_state` builds one."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxsae.step import TrainState, make_optimizer, trainable
+
+    p = {key: jnp.asarray(value, jnp.float32) for key, value in params.items()}
+    one = TrainState(
+        params=p,
+        opt_state=make_optimizer(cfg.train).init(trainable(p)),
+        tokens_since_fired=jnp.zeros(cfg.sae.d_sae, jnp.int32),
+        fire_count=jnp.zeros(cfg.sae.d_sae, jnp.int32),
+        step=jnp.zeros((), jnp.int32),
+        input_scale=jnp.ones((), jnp.float32),
+    )
+    return jax.tree.map(lambda a: a[None], one)
