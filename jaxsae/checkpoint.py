@@ -1,6 +1,7 @@
 """Checkpoints with orbax: the train state (all SAEs on the `sae` axis) plus the run's config and metadata.
 
-Layout: `<run>/checkpoints/<step>/{state,meta}`; `meta` is JSON: {"config": RunConfig as dict,
+Layout: `<run>/checkpoints/<step>/{state,meta,data}`; `data` is the loader's iterator state; `meta` is
+JSON: {"config": RunConfig as dict,
 "step": int, "tokens_seen": int, ...}. orbax writes each step to a temporary folder and renames it when
 complete, so a half-written checkpoint is never listed.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -36,21 +38,34 @@ def manager(directory: str | Path, max_to_keep: int = 3) -> ocp.CheckpointManage
     return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 
-def save(mgr: ocp.CheckpointManager, state: TrainState, cfg: RunConfig, extra: dict | None = None) -> None:
-    """Saves `state` at its step (asynchronously; call `mgr.wait_until_finished()` before exiting)."""
-    step = int(np.asarray(state.step).reshape(-1)[0])
+def save(
+    mgr: ocp.CheckpointManager, state: TrainState, cfg: RunConfig, batches, extra: dict | None = None
+) -> None:
+    """Saves `state` and the loader iterator `batches` at the state's step, asynchronously (call
+    `mgr.wait_until_finished()` before exiting)."""
+    step = int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
     meta = {"config": to_dict(cfg), "step": step, **(extra or {})}
     mgr.save(
         step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state._asdict()), meta=ocp.args.JsonSave(meta)),
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state._asdict()),
+            meta=ocp.args.JsonSave(meta),
+            data=grain.checkpoint.CheckpointSave(batches),
+        ),
     )
 
 
-def restore_state(mgr: ocp.CheckpointManager, target: TrainState, step: int | None = None) -> TrainState:
-    """The saved state, in the structure (and shardings) of `target`."""
+def restore(
+    mgr: ocp.CheckpointManager, target: TrainState, batches=None, step: int | None = None
+) -> TrainState:
+    """The saved state, in the structure and shardings of `target` (so onto any mesh); also puts the
+    loader iterator `batches` back where it was."""
     step = mgr.latest_step() if step is None else step
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target._asdict())
-    restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    args = {"state": ocp.args.StandardRestore(abstract)}
+    if batches is not None:
+        args["data"] = grain.checkpoint.CheckpointRestore(batches)
+    restored = mgr.restore(step, args=ocp.args.Composite(**args))
     return TrainState(**restored["state"])
 
 

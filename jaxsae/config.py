@@ -54,9 +54,12 @@ class SAEConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where training rows come from: `planted` (synthetic, known dictionary) or a `.npy` file [N, d_in]."""
+    """Where training rows come from: `planted` (synthetic, known dictionary), a `.npy` file [N, d_in],
+    or an activation store folder (`layer_<n>/` stores; `layers` picks some, default all)."""
 
     source: str = "planted"
+    layers: tuple[int, ...] = ()
+    mix_blocks: int = 16  # aligned 1024-row blocks whose rows are shuffled together into batches
     # planted dictionary (see jaxsae.synthetic)
     n_atoms: int = 512
     active: int = 8
@@ -81,7 +84,7 @@ class TrainConfig:
     warmup_steps: int = 100
     decay_fraction: float = 0.2  # linear decay to 0 over this last fraction of the steps
     max_grad_norm: float = 0.0  # 0: no clipping
-    seeds: tuple[int, ...] = (0,)  # one SAE per seed on the `sae` axis ...
+    seeds: tuple[int, ...] = (0,)  # one SAE per seed (and per layer) on the `sae` axis ...
     ks: tuple[int, ...] = ()  # ... or one per k (same length as seeds, or empty: sae.k for all)
     sparsity_coefficient: float = 0.0  # λ: L1 (relu) or L0/tanh (jumprelu)
     sparsity_warmup_steps: int = 0
@@ -143,8 +146,16 @@ class RunConfig:
             _check(0 < k <= self.sae.d_sae, "train.ks", f"each k must be in 1..d_sae ({self.sae.d_sae})")
 
     def sae_ks(self) -> tuple[int, ...]:
-        """k of each SAE on the `sae` axis."""
+        """k of each seed's SAE (per layer)."""
         return self.train.ks or (self.sae.k,) * self.train.n_saes
+
+    def sae_grid(self, n_layers: int) -> list[tuple[int, int, int]]:
+        """(layer position, seed, k) of every SAE on the `sae` axis: each layer × each seed."""
+        return [
+            (layer, seed, k)
+            for layer in range(n_layers)
+            for seed, k in zip(self.train.seeds, self.sae_ks(), strict=True)
+        ]
 
 
 def _check(ok: bool, key: str, message: str) -> None:

@@ -3,7 +3,7 @@
 Logical layout (leading `sae` axis on every parameter): W_enc [S, d_in, F] -> P('sae', None, 'model');
 b_enc, log_threshold, per-latent statistics [S, F] -> P('sae', 'model'); W_dec [S, F, d_in] ->
 P('sae', 'model', None); b_dec [S, d_in] -> P('sae', None); per-SAE scalars [S] -> P('sae');
-the batch [B, d_in] -> P('data', None).
+the batch [L, B, d_in] (L layers) -> P(None, 'data', None).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ _LATENT_SPECS = {
     "b_dec": (None,),
     "threshold": (),
 }
-BATCH = P(DATA, None)
+BATCH = P(None, DATA, None)
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:

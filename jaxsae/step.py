@@ -3,7 +3,8 @@ once with explicit shardings on a ('sae', 'data', 'model') mesh.
 
 State of S SAEs (leading [S] axis on every leaf): params (see jaxsae.sae), optax Adam state over the
 trainable params, `tokens_since_fired` [S, F] int32, `fire_count` [S, F] int32 (since the last log),
-`step` [S] int32, `input_scale` [S] float32. The loss runs inside `shard_map` (exact selection across
+`step` [S] int32, `input_scale` [S] float32, `layer` [S] int32 (which layer of the batch [L, B, d_in]
+each SAE reads). The loss runs inside `shard_map` (exact selection across
 shards, see jaxsae.selection); the optimiser update is element-wise and partitioned by the compiler.
 """
 
@@ -34,6 +35,7 @@ class TrainState(NamedTuple):
     fire_count: jax.Array
     step: jax.Array
     input_scale: jax.Array
+    layer: jax.Array
 
 
 def learning_rate(tc: TrainConfig, step: jax.Array) -> jax.Array:
@@ -62,8 +64,10 @@ def frozen(params: dict) -> dict:
     return {k: v for k, v in params.items() if k not in sae.TRAINABLE}
 
 
-def init_state(cfg: RunConfig, key: jax.Array, sample: jax.Array, input_scale: jax.Array) -> TrainState:
-    """State of one SAE (no `sae` axis); `sample` [N, d_in] raw rows (for b_dec)."""
+def init_state(
+    cfg: RunConfig, key: jax.Array, sample: jax.Array, input_scale: jax.Array, layer: jax.Array
+) -> TrainState:
+    """State of one SAE (no `sae` axis); `sample` [N, d_in] raw rows of its layer (for b_dec)."""
     params = sae.init(cfg.sae, key, sample * input_scale)
     d_sae = cfg.sae.d_sae
     return TrainState(
@@ -73,16 +77,26 @@ def init_state(cfg: RunConfig, key: jax.Array, sample: jax.Array, input_scale: j
         fire_count=jnp.zeros(d_sae, jnp.int32),
         step=jnp.zeros((), jnp.int32),
         input_scale=jnp.asarray(input_scale, jnp.float32),
+        layer=jnp.asarray(layer, jnp.int32),
     )
 
 
-def init_states(cfg: RunConfig, sample: jax.Array, input_scale: float, mesh: Mesh) -> TrainState:
-    """States of every SAE (one per seed in cfg.train.seeds), created already sharded on `mesh`:
-    no device or host ever holds a whole dictionary."""
-    keys = jax.vmap(jax.random.key)(jnp.asarray(cfg.train.seeds, jnp.uint32))
-    init = jax.vmap(lambda key, x: init_state(cfg, key, x, jnp.float32(input_scale)), in_axes=(0, None))
-    shardings = named(mesh, state_specs(jax.eval_shape(init, keys, sample)))
-    return jax.jit(init, out_shardings=shardings)(keys, sample)
+def init_states(cfg: RunConfig, samples: jax.Array, input_scales, mesh: Mesh) -> TrainState:
+    """States of every SAE of `cfg.sae_grid` (each layer × each seed), created already sharded on
+    `mesh`: no device or host ever holds a whole dictionary. `samples` [L, N, d_in] raw rows and
+    `input_scales` [L], per layer."""
+    samples = jnp.asarray(samples)
+    grid = cfg.sae_grid(samples.shape[0])
+    keys = jax.vmap(jax.random.key)(jnp.asarray([seed for _, seed, _ in grid], jnp.uint32))
+    layers = jnp.asarray([layer for layer, _, _ in grid], jnp.int32)
+    scales = jnp.asarray(input_scales, jnp.float32)
+
+    def init(key, layer, samples, scales):
+        return init_state(cfg, key, samples[layer], scales[layer], layer)
+
+    batched = jax.vmap(init, in_axes=(0, 0, None, None))
+    shardings = named(mesh, state_specs(jax.eval_shape(batched, keys, layers, samples, scales)))
+    return jax.jit(batched, out_shardings=shardings)(keys, layers, samples, scales)
 
 
 def loss_hparams(cfg: RunConfig, k: jax.Array, step: jax.Array) -> LossHParams:
@@ -109,27 +123,27 @@ def update_threshold(cfg: SAEConfig, threshold: jax.Array, smallest: jax.Array, 
 
 
 def sharded_loss(cfg: RunConfig, mesh: Mesh):
-    """`loss(trainable, frozen, x, dead, hp, scale) -> (Σ of the SAEs' losses, LossOut of [S] leaves)`,
+    """`loss(trainable, frozen, x, dead, hp, scale, layer) -> (Σ of the SAEs' losses, LossOut of [S] leaves)`,
     the per-device work under shard_map and vmapped over the SAEs a device holds."""
     k_max = max(cfg.sae_ks())
 
-    def one_sae(p, fixed, x, dead, hp, scale):
-        return sae_loss(cfg.sae, {**p, **fixed}, x * scale, dead, hp, k_max, Axes(DATA, MODEL))
+    def one_sae(p, fixed, x, dead, hp, scale, layer):
+        return sae_loss(cfg.sae, {**p, **fixed}, x[layer] * scale, dead, hp, k_max, Axes(DATA, MODEL))
 
-    per_device = jax.vmap(one_sae, in_axes=(0, 0, None, 0, 0, 0))
+    per_device = jax.vmap(one_sae, in_axes=(0, 0, None, 0, 0, 0, 0))
     out_specs = (P(SAE), LossOut(P(SAE, MODEL), P(SAE), P(SAE)))
 
-    def loss(p, fixed, x, dead, hp, scale):
-        in_specs = (params_specs(p), params_specs(fixed), BATCH, P(SAE, MODEL), P(SAE), P(SAE))
+    def loss(p, fixed, x, dead, hp, scale, layer):
+        in_specs = (params_specs(p), params_specs(fixed), BATCH, P(SAE, MODEL), P(SAE), P(SAE), P(SAE))
         mapped = jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
-        losses, out = mapped(p, fixed, x, dead, hp, scale)
+        losses, out = mapped(p, fixed, x, dead, hp, scale, layer)
         return losses.sum(), out
 
     return loss
 
 
 def make_train_step(cfg: RunConfig, mesh: Mesh, state: TrainState):
-    """The jitted step `(state, x [B, d_in] raw, ks [S] int32) -> (state, metrics of [S] leaves)`;
+    """The jitted step `(state, x [L, B, d_in] raw, ks [S] int32) -> (state, metrics of [S] leaves)`;
     `state` (arrays or ShapeDtypeStructs) gives the structure for the shardings. Donates `state`."""
     opt = make_optimizer(cfg.train)
     loss = sharded_loss(cfg, mesh)
@@ -139,7 +153,7 @@ def make_train_step(cfg: RunConfig, mesh: Mesh, state: TrainState):
         hp = jax.vmap(partial(loss_hparams, cfg))(ks, state.step)
         params = trainable(state.params)
         grads, out = jax.grad(loss, has_aux=True)(
-            params, frozen(state.params), x, dead, hp, state.input_scale
+            params, frozen(state.params), x, dead, hp, state.input_scale, state.layer
         )
         grads["W_dec"] = project_out_parallel(params["W_dec"], grads["W_dec"])
         updates, opt_state = jax.vmap(opt.update)(grads, state.opt_state, params)
@@ -149,7 +163,7 @@ def make_train_step(cfg: RunConfig, mesh: Mesh, state: TrainState):
             update = jax.vmap(partial(update_threshold, cfg.sae))
             new_params["threshold"] = update(new_params["threshold"], out.smallest_kept, state.step)
         fired = out.fire_count > 0
-        tokens = jnp.minimum(state.tokens_since_fired + x.shape[0], _TOKENS_CAP)
+        tokens = jnp.minimum(state.tokens_since_fired + x.shape[1], _TOKENS_CAP)
         metrics = dict(
             out.metrics,
             dead_fraction=jnp.mean(dead, axis=-1),
@@ -162,6 +176,7 @@ def make_train_step(cfg: RunConfig, mesh: Mesh, state: TrainState):
             fire_count=state.fire_count + out.fire_count,
             step=state.step + 1,
             input_scale=state.input_scale,
+            layer=state.layer,
         )
         return new_state, metrics
 

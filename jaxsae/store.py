@@ -29,8 +29,11 @@ import tensorstore as ts
 STORE_VERSION = 1
 CHUNK_ROWS = 1024
 MANIFEST = "manifest.json"
-DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16),
-          "float32": np.dtype(np.float32)}
+DTYPES = {
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+    "float32": np.dtype(np.float32),
+}
 _ARRAYS = ("acts", "clip", "frame")
 _INT32 = np.iinfo(np.int32)
 _EXPONENT_BITS = {DTYPES["bfloat16"]: 0x7F80, DTYPES["float16"]: 0x7C00}
@@ -123,8 +126,9 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if not isinstance(m, dict):
         raise StoreError(f"{file}: corrupt manifest (not a JSON object)")
     if m.get("format_version") != STORE_VERSION:
-        raise StoreError(f"{file}: format version {m.get('format_version')!r}, "
-                         f"this code reads version {STORE_VERSION}")
+        raise StoreError(
+            f"{file}: format version {m.get('format_version')!r}, this code reads version {STORE_VERSION}"
+        )
     missing = [k for k in _new_manifest_keys() if k not in m]
     if missing:
         raise StoreError(f"{file}: corrupt manifest (missing {', '.join(missing)})")
@@ -136,9 +140,17 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 
 
 def _new_manifest(meta: StoreMeta, compression: str | None) -> dict[str, Any]:
-    return {"format_version": STORE_VERSION, **meta.to_json(), "chunk_rows": CHUNK_ROWS,
-            "compression": compression, "rows_written": 0, "clips_done": [], "clips": {},
-            "failures": [], "extra": {}}
+    return {
+        "format_version": STORE_VERSION,
+        **meta.to_json(),
+        "chunk_rows": CHUNK_ROWS,
+        "compression": compression,
+        "rows_written": 0,
+        "clips_done": [],
+        "clips": {},
+        "failures": [],
+        "extra": {},
+    }
 
 
 def _new_manifest_keys() -> list[str]:
@@ -163,9 +175,16 @@ def _array_spec(path: Path, name: str, meta: StoreMeta, compression: str | None)
     shape, chunks, dtype = [0], [CHUNK_ROWS], "int32"
     if name == "acts":
         shape, chunks, dtype = [0, meta.d], [CHUNK_ROWS, meta.d], meta.dtype
-    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / name)},
-            "metadata": {"shape": shape, "data_type": dtype, "codecs": _codecs(compression),
-                         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunks}}}}
+    return {
+        "driver": "zarr3",
+        "kvstore": {"driver": "file", "path": str(path / name)},
+        "metadata": {
+            "shape": shape,
+            "data_type": dtype,
+            "codecs": _codecs(compression),
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunks}},
+        },
+    }
 
 
 def _context(durable: bool) -> ts.Context:
@@ -203,8 +222,10 @@ class ActivationStore:
     def _check_arrays(self) -> None:
         acts = self._arrays["acts"]
         if acts.shape[1] != self.d or acts.dtype.numpy_dtype != self.dtype:
-            raise StoreError(f"{self.path / 'acts'}: array is {acts.dtype.name} {acts.shape}, "
-                             f"manifest says {self.meta.dtype} [N, {self.d}]")
+            raise StoreError(
+                f"{self.path / 'acts'}: array is {acts.dtype.name} {acts.shape}, "
+                f"manifest says {self.meta.dtype} [N, {self.d}]"
+            )
         for n, a in self._arrays.items():
             if a.shape[0] < self.num_rows:
                 raise StoreError(f"{self.path / n}: {a.shape[0]} rows, manifest says {self.num_rows}")
@@ -219,8 +240,10 @@ class ActivationStore:
 
     def __repr__(self) -> str:
         m = self.meta
-        return (f"ActivationStore({str(self.path)!r}, {m.encoder} layer {m.layer}, {self.num_rows} rows "
-                f"x {m.d} {m.dtype})")
+        return (
+            f"ActivationStore({str(self.path)!r}, {m.encoder} layer {m.layer}, {self.num_rows} rows "
+            f"x {m.d} {m.dtype})"
+        )
 
     # --- what is there
 
@@ -306,15 +329,20 @@ class ActivationStore:
             acts = acts.astype(self.dtype, copy=False)
         bad = ~finite_rows(acts)
         if bad.any():
-            raise StoreError(f"{self.path}: {int(bad.sum())} non-finite rows as {self.meta.dtype} "
-                             f"(first: row {int(np.argmax(bad))}); filter them with finite_rows()")
+            raise StoreError(
+                f"{self.path}: {int(bad.sum())} non-finite rows as {self.meta.dtype} "
+                f"(first: row {int(np.argmax(bad))}); filter them with finite_rows()"
+            )
         ints = [_as_int32(self.path, name, a, len(acts)) for name, a in (("clip", clip), ("frame", frame))]
         return acts, ints[0], ints[1]
 
     def _grow(self, rows: int) -> None:
         """Makes each array at least `rows` long (a metadata write; absent chunks cost nothing)."""
-        futs = {n: a.resize(exclusive_max=[rows] + [None] * (a.rank - 1), expand_only=True)
-                for n, a in self._arrays.items() if a.shape[0] < rows}
+        futs = {
+            n: a.resize(exclusive_max=[rows] + [None] * (a.rank - 1), expand_only=True)
+            for n, a in self._arrays.items()
+            if a.shape[0] < rows
+        }
         for n, f in futs.items():
             self._arrays[n] = f.result()
 
@@ -325,9 +353,14 @@ class ActivationStore:
         for f in futs:
             f.result()
 
-    def append(self, acts: np.ndarray, clip: np.ndarray, frame: np.ndarray,
-               clips_done: list[int] | tuple[int, ...] = (),
-               clip_records: dict[int, dict[str, Any]] | None = None) -> None:
+    def append(
+        self,
+        acts: np.ndarray,
+        clip: np.ndarray,
+        frame: np.ndarray,
+        clips_done: list[int] | tuple[int, ...] = (),
+        clip_records: dict[int, dict[str, Any]] | None = None,
+    ) -> None:
         """Appends rows at the end, then commits the manifest.
 
         acts [n, d] float (cast to the stored dtype; every row must be finite after the cast);
@@ -341,8 +374,9 @@ class ActivationStore:
         self._write_rows(self.num_rows, arrays)
         self._commit(manifest)
 
-    def _updated_manifest(self, n: int, done: list[int], records: dict[int, dict[str, Any]]
-                          ) -> dict[str, Any]:
+    def _updated_manifest(
+        self, n: int, done: list[int], records: dict[int, dict[str, Any]]
+    ) -> dict[str, Any]:
         """The manifest after an append of n rows that finishes `done`; StoreError if they do not fit."""
         clips = dict(self._m["clips"])
         for cid, rec in records.items():
@@ -355,8 +389,12 @@ class ActivationStore:
             if str(c) not in clips:
                 raise StoreError(f"{self.path}: clip {c} marked done without a clip record")
             seen.add(c)
-        return {**self._m, "rows_written": self.num_rows + n, "clips_done": self._m["clips_done"] + done,
-                "clips": clips}
+        return {
+            **self._m,
+            "rows_written": self.num_rows + n,
+            "clips_done": self._m["clips_done"] + done,
+            "clips": clips,
+        }
 
     def record_failure(self, path: str | os.PathLike, reason: str) -> None:
         """Notes a source file that could not be exported, with why."""
@@ -373,8 +411,11 @@ class ActivationStore:
         """Shrinks the arrays to num_rows, deleting rows of appends that never committed."""
         self._writable("trim")
         n = self.num_rows
-        futs = {k: a.resize(exclusive_max=[n] + [None] * (a.rank - 1), shrink_only=True)
-                for k, a in self._arrays.items() if a.shape[0] > n}
+        futs = {
+            k: a.resize(exclusive_max=[n] + [None] * (a.rank - 1), shrink_only=True)
+            for k, a in self._arrays.items()
+            if a.shape[0] > n
+        }
         for k, f in futs.items():
             self._arrays[k] = f.result()
 
@@ -413,8 +454,9 @@ def _check_meta(path: Path, manifest: dict[str, Any], meta: StoreMeta) -> None:
         raise StoreError(f"{path} holds a different store (stored != given): {'; '.join(diffs)}")
 
 
-def create_store(path: str | os.PathLike, meta: StoreMeta, *, compression: str | None = None,
-                 durable: bool = True) -> ActivationStore:
+def create_store(
+    path: str | os.PathLike, meta: StoreMeta, *, compression: str | None = None, durable: bool = True
+) -> ActivationStore:
     """A new empty store at `path`, or the existing one there if its meta equals `meta` (resume).
 
     StoreError if `path` holds a store of another meta or format version. `compression`: None or
@@ -427,8 +469,10 @@ def create_store(path: str | os.PathLike, meta: StoreMeta, *, compression: str |
     _codecs(compression)  # validates before anything is created
     path.mkdir(parents=True, exist_ok=True)
     ctx = _context(durable)
-    futs = [ts.open(_array_spec(path, n, meta, compression), create=True, delete_existing=True, context=ctx)
-            for n in _ARRAYS]
+    futs = [
+        ts.open(_array_spec(path, n, meta, compression), create=True, delete_existing=True, context=ctx)
+        for n in _ARRAYS
+    ]
     for f in futs:
         f.result()
     manifest = _new_manifest(meta, compression)
@@ -436,8 +480,9 @@ def create_store(path: str | os.PathLike, meta: StoreMeta, *, compression: str |
     return ActivationStore(path, manifest, read_only=False, durable=durable)
 
 
-def open_store(path: str | os.PathLike, *, meta: StoreMeta | None = None, read_only: bool = False,
-               durable: bool = True) -> ActivationStore:
+def open_store(
+    path: str | os.PathLike, *, meta: StoreMeta | None = None, read_only: bool = False, durable: bool = True
+) -> ActivationStore:
     """The existing store at `path`; appends continue at rows_written, overwriting any rows past it.
 
     StoreError if the manifest is missing or corrupt, its format version differs, or (when `meta` is

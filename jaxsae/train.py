@@ -1,10 +1,12 @@
-"""The training loop: data -> jitted multi-SAE step -> progress bar, JSONL metrics, orbax checkpoints.
+"""The training loop: grain batches -> jitted sharded step -> progress bar, JSONL metrics, checkpoints.
 
-Run folder: `config.yaml`, `metrics.jsonl` (one record per SAE per log step), `checkpoints/<step>/`.
+Run folder: `config.yaml`, `metrics.jsonl` (one record per SAE per log step), `checkpoints/<step>/`
+(train state, loader state, config and metadata).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -17,7 +19,8 @@ from tqdm import tqdm
 
 from jaxsae import checkpoint
 from jaxsae.config import ConfigError, RunConfig, save_config
-from jaxsae.data import RowSource, batches, check_finite, load_source, sample_rows
+from jaxsae.data import Source, load_source, sample_rows
+from jaxsae.loader import batch_dataset, batch_iterator
 from jaxsae.sae import estimate_input_scale
 from jaxsae.sharding import BATCH, make_mesh, named
 from jaxsae.step import TrainState, init_states, make_train_step
@@ -38,26 +41,29 @@ class TrainResult:
     atoms_recovered: list[float] | None  # per SAE, when the source is a planted dictionary
 
 
-def train(cfg: RunConfig, source: RowSource | None = None, *, resume: bool = False) -> TrainResult:
-    """Trains every SAE of `cfg` (one per seed/k on the `sae` axis) on `source` (default: cfg.data)."""
-    tc = cfg.train
+def train(cfg: RunConfig, source: Source | None = None, *, resume: bool = False) -> TrainResult:
+    """Trains every SAE of `cfg` (each layer of the source × each seed, on the `sae` axis)."""
     source = source or load_source(cfg.data, cfg.sae.d_in)
-    out = Path(tc.out_dir)
+    cfg = _with_layers(cfg, source)
+    out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    sample = sample_rows(source.rows, tc.scale_sample_rows, cfg.data.seed)
-    check_finite(sample, f"{source.description} (input-scale sample)")
     mesh = make_mesh(cfg.mesh)
-    check_divisible(cfg, mesh)
-    state = init_states(cfg, jnp.asarray(sample), estimate_input_scale(sample), mesh)
+    check_divisible(cfg, mesh, len(source.layers))
+    samples = [
+        sample_rows(rows, cfg.train.scale_sample_rows, cfg.data.seed, _where(source, name))
+        for rows, name in zip(source.layers, source.layer_names, strict=True)
+    ]
+    scales = [estimate_input_scale(s) for s in samples]
+    state = init_states(cfg, np.stack(samples), scales, mesh)
+    batches = batch_iterator(_dataset(cfg, source))
     mgr = checkpoint.manager(out / "checkpoints")
-    if resume and mgr.latest_step() is not None:
-        state = checkpoint.restore_state(mgr, state)
-    start = int(np.asarray(state.step)[0])
     try:
-        state, last = _loop(cfg, mesh, source, state, start, mgr, out / "metrics.jsonl")
+        if resume and mgr.latest_step() is not None:
+            state = checkpoint.restore(mgr, state, batches)
+        state, last = _loop(cfg, mesh, source, state, batches, mgr, out / "metrics.jsonl")
         if int(np.asarray(state.step)[0]) != mgr.latest_step():
-            checkpoint.save(mgr, state, cfg, {"tokens_seen": int(state.step[0]) * tc.batch_size})
+            _save(mgr, state, cfg, batches)
     finally:
         mgr.wait_until_finished()
         mgr.close()
@@ -67,29 +73,65 @@ def train(cfg: RunConfig, source: RowSource | None = None, *, resume: bool = Fal
     return TrainResult(state, last, found)
 
 
-def check_divisible(cfg: RunConfig, mesh) -> None:
+def _where(source: Source, layer_name: str) -> str:
+    return source.description if len(source.layers) == 1 else f"{source.description}: {layer_name}"
+
+
+def _with_layers(cfg: RunConfig, source: Source) -> RunConfig:
+    """The config with the source's layers written in (store sources: the ones found)."""
+    numbers = tuple(int(n.split("_")[-1]) for n in source.layer_names if n.startswith("layer_"))
+    if len(numbers) != len(source.layer_names):
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, layers=numbers))
+
+
+def _dataset(cfg: RunConfig, source: Source):
+    return batch_dataset(
+        source,
+        cfg.train.batch_size,
+        cfg.data.seed,
+        cfg.data.mix_blocks,
+        jax.process_index(),
+        jax.process_count(),
+    )
+
+
+def check_divisible(cfg: RunConfig, mesh, n_layers: int) -> None:
     """The mesh must split the SAEs, the batch and the latents evenly."""
     for what, n, axis in (
-        ("train.seeds (SAEs)", cfg.train.n_saes, "sae"),
+        ("SAEs (layers × train.seeds)", n_layers * cfg.train.n_saes, "sae"),
         ("train.batch_size", cfg.train.batch_size, "data"),
         ("sae.d_sae", cfg.sae.d_sae, "model"),
     ):
         if n % mesh.shape[axis]:
             raise ConfigError(f"{what} = {n} is not divisible by the mesh's {axis} axis ({mesh.shape[axis]})")
+    if cfg.train.batch_size % jax.process_count():
+        raise ConfigError(f"train.batch_size must be divisible by the {jax.process_count()} processes")
 
 
-def _loop(cfg, mesh, source, state, start, mgr, metrics_path):
+def _save(mgr, state: TrainState, cfg: RunConfig, batches) -> None:
+    step = int(np.asarray(state.step)[0])
+    checkpoint.save(mgr, state, cfg, batches, {"tokens_seen": step * cfg.train.batch_size})
+
+
+def _global_batch(mesh, local: np.ndarray, batch_size: int) -> jax.Array:
+    """This process's rows [L, b, d] -> the global batch [L, B, d] sharded over `data`."""
+    shape = (local.shape[0], batch_size, local.shape[2])
+    return jax.make_array_from_process_local_data(named(mesh, BATCH), local, shape)
+
+
+def _loop(cfg: RunConfig, mesh, source: Source, state: TrainState, batches, mgr, metrics_path):
     tc = cfg.train
+    grid = cfg.sae_grid(len(source.layers))
     step_fn = make_train_step(cfg, mesh, state)
-    ks = jnp.asarray(cfg.sae_ks(), jnp.int32)
-    batch_sharding = named(mesh, BATCH)
-    data = batches(source.rows, tc.batch_size, cfg.data.seed, start_step=start)
+    ks = jnp.asarray([k for _, _, k in grid], jnp.int32)
+    start = int(np.asarray(state.step)[0])
     last: list[dict] = []
     bar = tqdm(total=tc.steps, initial=start, unit="step", disable=not tc.progress, dynamic_ncols=True)
     t0, window_start, fire_since = time.perf_counter(), start, start
     with bar, open(metrics_path, "a") as log:
         for step in range(start, tc.steps):
-            state, metrics = step_fn(state, jax.device_put(next(data), batch_sharding), ks)
+            state, metrics = step_fn(state, _global_batch(mesh, next(batches), tc.batch_size), ks)
             bar.update(1)
             done = step + 1
             if step == start:  # time from here: the first step includes compilation
@@ -100,7 +142,10 @@ def _loop(cfg, mesh, source, state, start, mgr, metrics_path):
             jax.block_until_ready(state)
             elapsed = time.perf_counter() - t0
             tokens_per_s = (done - window_start) * tc.batch_size / elapsed if done > window_start else 0.0
-            last = _records(cfg, state, metrics, done, tokens_per_s, (done - fire_since) * tc.batch_size)
+            names = [source.layer_names[layer] for layer, _, _ in grid]
+            last = _records(
+                cfg, grid, names, state, metrics, done, tokens_per_s, (done - fire_since) * tc.batch_size
+            )
             _check_finite_loss(last, done, mgr)
             log.writelines(json.dumps(rec) + "\n" for rec in last)
             log.flush()
@@ -108,19 +153,21 @@ def _loop(cfg, mesh, source, state, start, mgr, metrics_path):
             zeros = jnp.zeros(state.fire_count.shape, state.fire_count.dtype)
             state = state._replace(fire_count=jax.device_put(zeros, state.fire_count.sharding))
             if tc.checkpoint_every and done % tc.checkpoint_every == 0:
-                checkpoint.save(mgr, state, cfg, {"tokens_seen": done * tc.batch_size})
+                _save(mgr, state, cfg, batches)
             t0, window_start, fire_since = time.perf_counter(), done, done
     return state, last
 
 
-def _records(cfg: RunConfig, state, metrics, step: int, tokens_per_s: float, fire_tokens: int) -> list[dict]:
-    """One JSON-ready record per SAE: its metrics, hyper-parameters and firing-rate histogram."""
+def _records(
+    cfg, grid, names, state, metrics, step: int, tokens_per_s: float, fire_tokens: int
+) -> list[dict]:
+    """One JSON-ready record per SAE: its metrics, identity and firing-rate histogram."""
     metrics = jax.device_get(metrics)
-    fire_count = np.asarray(state.fire_count)
+    fire_count = np.asarray(jax.device_get(state.fire_count))
     records = []
-    for i, (seed, k) in enumerate(zip(cfg.train.seeds, cfg.sae_ks(), strict=True)):
-        rec = {"step": step, "sae": i, "seed": seed, "k": k, "tokens_per_s": tokens_per_s}
-        rec.update({name: float(v[i]) for name, v in metrics.items()})
+    for i, ((_, seed, k), name) in enumerate(zip(grid, names, strict=True)):
+        rec = {"step": step, "sae": i, "layer": name, "seed": seed, "k": k, "tokens_per_s": tokens_per_s}
+        rec.update({key: float(v[i]) for key, v in metrics.items()})
         rec["firing_rate_hist"] = firing_rate_histogram(fire_count[i], fire_tokens)
         records.append(rec)
     return records

@@ -68,14 +68,14 @@ def _run(args, cwd):
         (["train", "--data.source=wrong.npy"], "wrong.npy: expected shape [N, 64] (sae.d_in), got [10, 3]"),
         (
             ["train", "--data.source=nan.npy", "--train.steps=1"],
-            "nan.npy (input-scale sample): row 7 is not finite",
+            "nan.npy: row 1031 is not finite",
         ),
     ],
 )
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, args, message):
     np.save(tmp_path / "wrong.npy", np.zeros((10, 3), np.float32))
-    rows = np.ones((100, 64), np.float32)
-    rows[7, 3] = np.nan
+    rows = np.ones((2048, 64), np.float32)
+    rows[1031, 3] = np.nan
     np.save(tmp_path / "nan.npy", rows)
     proc = _run(args, tmp_path)
     assert proc.returncode == 2, proc.stderr

@@ -70,17 +70,18 @@ def _loss_and_grads(arch, shape, state=None):
     mesh = make_mesh(cfg.mesh)
     rows = _rows()
     if state is None:
-        state = init_states(cfg, jnp.asarray(rows), 0.9, mesh)
+        state = init_states(cfg, jnp.asarray(rows)[None], [0.9], mesh)
     else:
         state = jax.device_put(state, named(mesh, state_specs(state)))
     # some latents dead, so that aux-k runs
     state = state._replace(tokens_since_fired=state.tokens_since_fired.at[:, ::3].set(10 * B))
     dead = state.tokens_since_fired >= cfg.train.dead_tokens
     hp = jax.vmap(lambda k, s: loss_hparams(cfg, k, s))(jnp.asarray(cfg.sae_ks()), state.step)
-    x = jax.device_put(rows[:B], named(mesh, BATCH))
+    x = jax.device_put(rows[None, :B], named(mesh, BATCH))
     loss = sharded_loss(cfg, mesh)
     fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
-    (total, out), grads = fn(trainable(state.params), frozen(state.params), x, dead, hp, state.input_scale)
+    args = (trainable(state.params), frozen(state.params), x, dead, hp, state.input_scale, state.layer)
+    (total, out), grads = fn(*args)
     return state, float(total), jax.device_get(out), jax.device_get(grads)
 
 
@@ -104,12 +105,12 @@ def test_training_steps_equal_one_device_and_state_is_sharded(arch):
         cfg = _cfg(arch, shape)
         mesh = make_mesh(cfg.mesh)
         rows = _rows()
-        state = init_states(cfg, jnp.asarray(rows), 0.9, mesh)
+        state = init_states(cfg, jnp.asarray(rows)[None], [0.9], mesh)
         step = make_train_step(cfg, mesh, state)
         for i in range(4):
             state, _ = step(
                 state,
-                jax.device_put(rows[i * B : (i + 1) * B], named(mesh, BATCH)),
+                jax.device_put(rows[None, i * B : (i + 1) * B], named(mesh, BATCH)),
                 jnp.asarray(cfg.sae_ks()),
             )
         w_enc = state.params["W_enc"]

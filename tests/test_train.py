@@ -27,7 +27,7 @@ ONE_DEVICE = MeshConfig(data=1)
 
 def _start(cfg: RunConfig, sample, scale: float = 1.0):
     mesh = make_mesh(cfg.mesh)
-    state = init_states(cfg, jnp.asarray(sample), scale, mesh)
+    state = init_states(cfg, jnp.asarray(sample)[None], [scale], mesh)
     return state, make_train_step(cfg, mesh, state)
 
 
@@ -39,8 +39,8 @@ def _rows(cfg: RunConfig, n: int = 4096) -> np.ndarray:
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "relu"])
 def test_decoder_rows_stay_unit_norm_and_every_param_moves(arch):
     cfg = _small(arch, sparsity_coefficient=0.1)
-    x = jnp.asarray(_rows(cfg)[:256])
-    state, step = _start(cfg, x)
+    x = jnp.asarray(_rows(cfg)[None, :256])
+    state, step = _start(cfg, x[0])
     first = jax.tree.map(np.asarray, state.params)
     new = state
     for _ in range(3):
@@ -91,7 +91,7 @@ def test_sae_axis_equals_each_sae_trained_alone(arch):
     rows = _rows(cfg)
     sample = rows[:512]
     multi, multi_step = _start(cfg, sample, 0.7)
-    batches = [jnp.asarray(rows[i * 256 : (i + 1) * 256]) for i in range(8)]
+    batches = [jnp.asarray(rows[None, i * 256 : (i + 1) * 256]) for i in range(8)]
     for x in batches:
         multi, _ = multi_step(multi, x, jnp.asarray(cfg.sae_ks()))
     for i, (seed, k) in enumerate(zip(cfg.train.seeds, cfg.sae_ks(), strict=True)):

@@ -13,6 +13,7 @@ SAE (SAELens: jumprelu with θ broadcast; dictionary_learning: BatchTopKSAE); sp
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import warnings
 from pathlib import Path
@@ -114,51 +115,73 @@ def export_checkpoint(
     dtype: str = "float32",
     step: int | None = None,
 ) -> list[Path]:
-    """Exports every SAE on the sae axis of a checkpoint (latest step unless `step`) to
-    `out_dir/seed<S>_k<K>/`, one folder per SAE; returns those folders.
+    """Exports every SAE on the sae axis of a checkpoint (latest step unless `step`), one folder per SAE:
+    `out_dir/seed<S>_k<K>/` (`layer<L>_seed<S>_k<K>/` when the run trained several layers); returns them.
 
-    `hook_name`/`model_name` default to what the run's data source records (a store manifest's hook and
-    encoder), else the source's name."""
+    `hook_name`/`model_name` (applied to every SAE) default to what the run's data source records (the
+    activation store manifest's hook and encoder, per layer), else the source's name."""
     from jaxsae import checkpoint  # orbax: only when a checkpoint is read
 
     format_module(fmt)  # fail on a bad format before reading anything
     ckpt = checkpoint.load(ckpt_path, step)
-    default_hook, default_model, layer = _run_names(ckpt.config.data.source, ckpt.meta)
+    axis = _sae_axis(ckpt.config, len(ckpt.input_scale), Path(str(ckpt_path)))
+    several_layers = len({layer for layer, _, _ in axis}) > 1
     folders: list[Path] = []
-    for i, (seed, k) in enumerate(zip(ckpt.config.train.seeds, ckpt.config.sae_ks(), strict=True)):
-        name = f"seed{seed}_k{k}"
+    for i, (layer, seed, k) in enumerate(axis):
+        name = f"layer{layer}_seed{seed}_k{k}" if several_layers else f"seed{seed}_k{k}"
         if Path(out_dir, name) in folders:  # the same seed and k twice on the sae axis
             name = f"{name}_sae{i}"
+        hook, model, layer_number = _run_names(ckpt.config.data.source, ckpt.meta, layer)
         folder = export_sae(
             dataclasses.replace(ckpt.config.sae, k=k),
             {key: value[i] for key, value in ckpt.params.items()},
             float(ckpt.input_scale[i]),
             fmt,
             Path(out_dir, name),
-            hook_name=hook_name or default_hook,
-            model_name=model_name or default_model,
+            hook_name=hook_name or hook,
+            model_name=model_name or model,
             dtype=dtype,
-            layer=layer,
+            layer=layer_number,
         )
         folders.append(folder)
     return folders
 
 
-def _run_names(source: str, meta: dict) -> tuple[str, str, int | None]:
-    """(hook name, model name, layer) of a run: from its checkpoint metadata, else from the manifest of an
-    activation-store source, else the source's name ('planted' for synthetic rows)."""
-    manifest: dict = {}
+def _sae_axis(cfg: Any, n: int, path: Path) -> list[tuple[int | None, int, int]]:
+    """(layer, seed, k) of each of the `n` SAEs on the sae axis: layer-major, then the seeds (as
+    RunConfig.sae_grid orders them); layer is the number in data.layers, its position when the config
+    names none, and None for a single unnamed layer."""
+    per_layer = list(zip(cfg.train.seeds, cfg.sae_ks(), strict=True))
+    if n % len(per_layer):
+        raise ExportError(f"{path}: {n} SAEs on the sae axis do not fit {len(per_layer)} seeds per layer")
+    n_layers = n // len(per_layer)
+    numbers = tuple(getattr(cfg.data, "layers", ()))
+    layers = numbers if len(numbers) == n_layers else tuple(range(n_layers))
+    if n_layers == 1 and not numbers:
+        layers = (None,)
+    return [(layer, seed, k) for layer in layers for seed, k in per_layer]
+
+
+def _run_names(source: str, meta: dict, layer: int | None) -> tuple[str, str, int | None]:
+    """(hook name, model name, layer number) of one layer of a run: from the checkpoint metadata, else from
+    the activation-store manifest of that layer, else the source's name ('planted' for synthetic rows)."""
     path = Path(source)
-    if source != "planted" and (path / "manifest.json").is_file():
-        try:
-            manifest = json.loads((path / "manifest.json").read_text())
-        except (OSError, ValueError):
-            manifest = {}  # names are metadata only: a bad manifest falls back to the source's name
+    manifest: dict = {}
+    candidates = [path / f"layer_{layer}" / "manifest.json"] if layer is not None else []
+    for file in [*candidates, path / "manifest.json"]:
+        if source != "planted" and file.is_file():
+            try:
+                manifest = json.loads(file.read_text())
+            except (OSError, ValueError):
+                continue  # names are metadata only: a bad manifest falls back to the source's name
+            break
     fallback = "planted" if source == "planted" else path.stem
+    if layer is not None and not manifest:
+        fallback = f"{fallback}.layer_{layer}"
     hook = meta.get("hook_name") or manifest.get("hook") or fallback
     model = meta.get("model_name") or manifest.get("encoder") or fallback
-    layer = meta.get("layer", manifest.get("layer"))
-    return str(hook), str(model), layer if isinstance(layer, int) else None
+    number = manifest.get("layer", layer)
+    return str(hook), str(model), number if isinstance(number, int) else None
 
 
 def detect_format(path: str | Path) -> tuple[str, Path]:
@@ -203,7 +226,7 @@ def import_to_checkpoint(path: str | Path, out_run_dir: str | Path) -> Path:
     mgr = checkpoint.manager(out / "checkpoints")
     try:
         extra = {"tokens_seen": 0, "imported_from": str(Path(folder).resolve()), "imported_format": name}
-        checkpoint.save(mgr, _fresh_state(cfg, params), cfg, extra)
+        _save(checkpoint, mgr, _fresh_state(cfg, params), cfg, extra)
     finally:
         mgr.wait_until_finished()
         mgr.close()
@@ -211,19 +234,40 @@ def import_to_checkpoint(path: str | Path, out_run_dir: str | Path) -> Path:
 
 
 def _fresh_state(cfg: Any, params: Params) -> Any:
-    """A TrainState holding `params` with a leading sae axis of 1, as `init_multi_state` builds one."""
+    """A TrainState holding `params` with a leading sae axis of 1, as the trainer's init builds one
+    (a `layer` field, where TrainState has one, is layer position 0)."""
     import jax
     import jax.numpy as jnp
 
     from jaxsae.step import TrainState, make_optimizer, trainable
 
     p = {key: jnp.asarray(value, jnp.float32) for key, value in params.items()}
-    one = TrainState(
-        params=p,
-        opt_state=make_optimizer(cfg.train).init(trainable(p)),
-        tokens_since_fired=jnp.zeros(cfg.sae.d_sae, jnp.int32),
-        fire_count=jnp.zeros(cfg.sae.d_sae, jnp.int32),
-        step=jnp.zeros((), jnp.int32),
-        input_scale=jnp.ones((), jnp.float32),
-    )
+    fields = {
+        "params": p,
+        "opt_state": make_optimizer(cfg.train).init(trainable(p)),
+        "tokens_since_fired": jnp.zeros(cfg.sae.d_sae, jnp.int32),
+        "fire_count": jnp.zeros(cfg.sae.d_sae, jnp.int32),
+        "step": jnp.zeros((), jnp.int32),
+        "input_scale": jnp.ones((), jnp.float32),
+        "layer": jnp.zeros((), jnp.int32),
+    }
+    one = TrainState(**{name: fields[name] for name in TrainState._fields})
     return jax.tree.map(lambda a: a[None], one)
+
+
+def _save(checkpoint: ModuleType, mgr: Any, state: Any, cfg: Any, extra: dict) -> None:
+    """checkpoint.save, with a fresh loader iterator where checkpoints also hold the loader's state.
+
+    A fresh iterator's state is its start (the grain loader's state is one index), independent of the
+    rows, so it is taken from a one-block placeholder source: a resumed run starts its data stream from
+    the beginning, whatever data.source it is given."""
+    if "batches" not in inspect.signature(checkpoint.save).parameters:
+        checkpoint.save(mgr, state, cfg, extra)
+        return
+    from jaxsae.data import Source
+    from jaxsae.loader import batch_dataset, batch_iterator
+    from jaxsae.store import CHUNK_ROWS
+
+    placeholder = Source([np.zeros((CHUNK_ROWS, cfg.sae.d_in), np.float32)], ["imported"], "placeholder")
+    ds = batch_dataset(placeholder, cfg.train.batch_size, cfg.data.seed, cfg.data.mix_blocks)
+    checkpoint.save(mgr, state, cfg, batch_iterator(ds), extra)

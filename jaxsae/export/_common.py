@@ -48,8 +48,9 @@ def one_line(e: BaseException) -> str:
 
 
 def cast(a: np.ndarray, dtype: str) -> np.ndarray:
-    """`a` (any float dtype) as a C-contiguous array of `dtype` ("float32" or "bfloat16")."""
-    return np.ascontiguousarray(np.asarray(a, np.float32).astype(DTYPES[dtype]))
+    """`a` (any float dtype) as a C-contiguous array of `dtype` ("float32" or "bfloat16"), same shape
+    (np.ascontiguousarray would turn a 0-d array into shape [1])."""
+    return np.asarray(a, np.float32).astype(DTYPES[dtype], order="C")
 
 
 def read_json(path: Path) -> dict:

@@ -110,7 +110,7 @@ def _save_torch(path: Path, arrays: dict[str, np.ndarray]) -> None:
     import torch  # only here: jaxsae never imports torch at module level
 
     def tensor(a: np.ndarray) -> torch.Tensor:
-        a = np.ascontiguousarray(a)
+        a = np.asarray(a).copy(order="C")  # keeps 0-d buffers (k, threshold) 0-d
         if a.dtype == DTYPES["bfloat16"]:  # torch.from_numpy rejects ml_dtypes' bfloat16: go through bits
             return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(a)
