@@ -66,6 +66,9 @@ def _synthesize_here(text: str, voice: str, rate: int, pitch: int) -> bytes:
     sr = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path.encode(), 0)
     if sr != SAMPLE_RATE:
         raise RuntimeError(f"eSpeak NG initialisation failed (returned {sr}, data at {data_path})")
+    # Voices with breath noise (+f2, +f3, ...) draw from a generator seeded by the clock: fix its seed.
+    lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+    lib.espeak_ng_SetRandSeed(0)
     chunks: list[bytes] = []
 
     def on_audio(wav, n, _events):  # called by espeak_Synth; wav is NULL at the end of the utterance

@@ -23,8 +23,16 @@ D = 8
 
 
 def meta(dtype: str = "float32", **kw) -> StoreMeta:
-    base = dict(encoder="whisper-tiny.en", revision="abc123", layer=2, hook="encoder.layers.1",
-                sample_rate=16000, frame_rate=50.0, dtype=dtype, d=D)
+    base = dict(
+        encoder="whisper-tiny.en",
+        revision="abc123",
+        layer=2,
+        hook="encoder.layers.1",
+        sample_rate=16000,
+        frame_rate=50.0,
+        dtype=dtype,
+        d=D,
+    )
     return StoreMeta(**{**base, **kw})
 
 
@@ -164,12 +172,15 @@ def test_reopen_resumes_and_overwrites_uncommitted_rows(tmp_path, monkeypatch):
     assert open_store(path, meta=meta()).num_rows == 2100
 
 
-@pytest.mark.parametrize("change, named", [
-    ({"layer": 3}, "layer 2 != 3"),
-    ({"encoder": "hubert-base"}, "encoder 'whisper-tiny.en' != 'hubert-base'"),
-    ({"d": 16}, "d 8 != 16"),
-    ({"dtype": "bfloat16"}, "dtype 'float32' != 'bfloat16'"),
-])
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"layer": 3}, "layer 2 != 3"),
+        ({"encoder": "hubert-base"}, "encoder 'whisper-tiny.en' != 'hubert-base'"),
+        ({"d": 16}, "d 8 != 16"),
+        ({"dtype": "bfloat16"}, "dtype 'float32' != 'bfloat16'"),
+    ],
+)
 def test_refuses_other_meta(tmp_path, change, named):
     path = tmp_path / "s"
     create_store(path, meta()).append(*rows(4, np.float32))
