@@ -59,7 +59,9 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
     cfg = RunConfig(
         sae=SAEConfig(d_in=16, d_sae=64, architecture="topk", k=4),
         data=DataConfig(n_atoms=32, active=3, n_rows=4096),
-        train=TrainConfig(steps=6, batch_size=256, seeds=(0, 1), out_dir=str(tmp_path), progress=False, log_every=3),
+        train=TrainConfig(
+            steps=6, batch_size=256, seeds=(0, 1), out_dir=str(tmp_path), progress=False, log_every=3
+        ),
         mesh=MeshConfig(1, 1, 1),
     )
     saved = train(cfg).state
