@@ -13,6 +13,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     train.add_argument("config", nargs="?", help="YAML config (sections sae, data, train)")
     train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    train.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process run (jax.distributed; TPU pods and SLURM are detected automatically)",
+    )
+    train.add_argument("--coordinator", help="HOST:PORT of process 0 (with --distributed, off TPU/SLURM)")
+    train.add_argument("--num-processes", type=int)
+    train.add_argument("--process-id", type=int)
     train.set_defaults(func=_train, accepts_overrides=True)
 
     demo = sub.add_parser("demo", help="the end-to-end demo")
@@ -28,6 +36,10 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
     if args.config and args.config.startswith("--"):
         rest, args.config = [args.config, *rest], None
     cfg = load_config(args.config, rest)
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     result = train(cfg, resume=args.resume)
     for rec in result.metrics:
         print(

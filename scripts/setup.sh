@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Creates or updates .venv with everything the demo and the tests need.
-# A no-op when pyproject.toml and this script are unchanged since the last successful run.
+# JAXSAE_EXTRAS picks the extras (default torch,dev,peers; e.g. cuda,dev on a GPU node, tpu,dev on a TPU VM).
+# A no-op when pyproject.toml, this script and the extras are unchanged since the last successful run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+extras=${JAXSAE_EXTRAS:-torch,dev,peers}
+want=$( (cat pyproject.toml scripts/setup.sh; echo "$extras") | sha256sum | cut -c1-16)
 stamp=.venv/.jaxsae-setup
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 echo "setting up .venv (first run: a few minutes, about 2.6 GB)" >&2
 python3 -m venv .venv
-pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
-"${pip[@]}" --upgrade pip
-"${pip[@]}" torch==2.13.0            # first, so nothing pulls a CUDA build
-"${pip[@]}" -e ".[torch,dev,peers]"
-"${pip[@]}" --no-deps dictionary-learning==0.1.0
+pip() {  # quiet, minus the warnings this machine's pip configuration prints for every package
+  .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v "nor a directory" >&2)
+}
+pip --upgrade pip
+case ",$extras," in *,torch,*|*,peers,*) pip torch==2.13.0 ;; esac  # first: no CUDA torch
+pip -e ".[$extras]"
+case ",$extras," in *,peers,*) pip --no-deps dictionary-learning==0.1.0 ;; esac
 echo "$want" >"$stamp"
