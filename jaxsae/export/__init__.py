@@ -13,7 +13,6 @@ SAE (SAELens: jumprelu with θ broadcast; dictionary_learning: BatchTopKSAE); sp
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import warnings
 from pathlib import Path
@@ -185,8 +184,11 @@ def _run_names(source: str, meta: dict, layer: int | None) -> tuple[str, str, in
 
 
 def detect_format(path: str | Path) -> tuple[str, Path]:
-    """(format name, the folder to read) of an export at `path`, or ExportError saying why not."""
+    """(format name, the folder to read) of an export at `path` (a folder, or a file in one such as
+    trainer_0/ae.pt), or ExportError saying why not."""
     path = Path(path)
+    if path.is_file():
+        path = path.parent
     if not path.is_dir():
         raise ExportError(f"{path}: not a folder" if path.exists() else f"{path}: not found")
     hits = [(name, folder) for name, m in FORMATS.items() if (folder := m.find(path)) is not None]
@@ -196,9 +198,19 @@ def detect_format(path: str | Path) -> tuple[str, Path]:
         )
     if hits:
         return hits[0]
+    exports = sorted(p.name for p in path.iterdir() if p.is_dir() and _holds_export(p))
+    if exports:  # e.g. the folder export_checkpoint wrote, one sub-folder per SAE
+        raise ExportError(f"{path}: holds one SAE export per sub-folder ({', '.join(exports)}); pass one")
     hint = " (it is a jaxsae run folder: use it directly)" if (path / "checkpoints").is_dir() else ""
     expected = "; ".join(f"{name}: {m.LAYOUT}" for name, m in FORMATS.items())
     raise ExportError(f"{path}: no SAE export found{hint} (expected {expected})")
+
+
+def _holds_export(path: Path) -> bool:
+    try:
+        return any(m.find(path) is not None for m in FORMATS.values())
+    except ExportError:  # several hook points or trainers: still exports
+        return True
 
 
 def import_sae(path: str | Path) -> tuple[SAEConfig, Params]:
@@ -256,14 +268,11 @@ def _fresh_state(cfg: Any, params: Params) -> Any:
 
 
 def _save(checkpoint: ModuleType, mgr: Any, state: Any, cfg: Any, extra: dict) -> None:
-    """checkpoint.save, with a fresh loader iterator where checkpoints also hold the loader's state.
+    """checkpoint.save with a fresh loader iterator, whose state is saved beside the train state.
 
     A fresh iterator's state is its start (the grain loader's state is one index), independent of the
     rows, so it is taken from a one-block placeholder source: a resumed run starts its data stream from
     the beginning, whatever data.source it is given."""
-    if "batches" not in inspect.signature(checkpoint.save).parameters:
-        checkpoint.save(mgr, state, cfg, extra)
-        return
     from jaxsae.data import Source
     from jaxsae.loader import batch_dataset, batch_iterator
     from jaxsae.store import CHUNK_ROWS

@@ -116,9 +116,8 @@ def read(path: Path) -> tuple[SAEConfig, Params]:
     if arch_in == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
         w_enc, b_enc, w_dec = _fold_decoder_norm(w_enc, b_enc, w_dec)
     arch, k, theta = _architecture(cfg, arch_in, t.get("threshold"), cfg_path)
-    return sae_config(arch, d_in, d_sae, k, cfg_path), jaxsae_params(
-        arch, w_enc, b_enc, w_dec, t["b_dec"], theta
-    )
+    params = jaxsae_params(arch, w_enc, b_enc, w_dec, t["b_dec"], theta)
+    return sae_config(arch, d_in, d_sae, k, cfg_path), params
 
 
 def _shapes(arch: str, d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
