@@ -448,13 +448,12 @@ def test_import_to_checkpoint_loads_and_resumes(tmp_path):
         assert drift < 0.05, "training did not start from the imported SAE"
 
 
-def test_cli_export_and_import_round_trip(trained_run, tmp_path, monkeypatch, capsys):
+def test_cli_export_and_import_round_trip(trained_run, tmp_path, capsys):
     from jaxsae.checkpoint import load
     from launch import cli
     from launch.cmd_export import FORMAT_CHOICES
 
     assert tuple(FORMATS) == FORMAT_CHOICES
-    monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "launch.cmd_export"))
     out = tmp_path / "dl"
     argv = [
         "export",
