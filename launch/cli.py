@@ -9,7 +9,12 @@ import importlib
 import sys
 
 # Command modules, in the order their commands appear in --help.
-COMMAND_MODULES = ("launch.cmd_corpus", "launch.cmd_train", "launch.cmd_export")
+COMMAND_MODULES = (
+    "launch.cmd_corpus",
+    "launch.cmd_export_activations",
+    "launch.cmd_train",
+    "launch.cmd_export",
+)
 
 # Errors that are the user's input, not our bug: one line, exit code 2.
 _USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "StoreError", "ExportError", "AudioError")

@@ -21,7 +21,9 @@ def test_tpu_pod_runs_the_same_command_on_every_worker():
     out = _dry(
         "tpu_pod.sh", {"TPU_NAME": "pod", "ZONE": "us-central2-b"}, "configs/x.yaml", "--train.lr=1e-3"
     )
-    assert out[:-1] == "gcloud compute tpus tpu-vm ssh pod --zone us-central2-b --worker=all --command".split()
+    assert (
+        out[:-1] == "gcloud compute tpus tpu-vm ssh pod --zone us-central2-b --worker=all --command".split()
+    )
     assert "JAXSAE_EXTRAS=tpu,dev" in out[-1]
     assert out[-1].endswith("jaxsae train --distributed configs/x.yaml --train.lr=1e-3")
 
