@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="the end-to-end demo")
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
+    demo.add_argument(
+        "--size", choices=("small", "default"), default="default", help="corpus size: 48 or 240 clips"
+    )
     demo.set_defaults(func=_demo)
 
 
@@ -57,5 +60,5 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
 def _demo(args: argparse.Namespace, rest: list[str]) -> int:
     from launch.demo import run_demo
 
-    run_demo(args.out, steps=args.steps)
+    run_demo(args.out, steps=args.steps, size=args.size)
     return 0
