@@ -222,8 +222,9 @@ def import_sae(path: str | Path) -> tuple[SAEConfig, Params]:
 
 def import_to_checkpoint(path: str | Path, out_run_dir: str | Path) -> Path:
     """Imports the SAE at `path` into a new jaxsae run folder: config.yaml (the imported SAEConfig, default
-    data and train sections) and a step-0 checkpoint with a sae axis of 1, input_scale 1 and fresh Adam
-    state, which `jaxsae.checkpoint.load` reads and `jaxsae.train.train(cfg, resume=True)` continues."""
+    data and train sections) and a step-0 checkpoint with a sae axis of 1, fresh Adam state and the input
+    scale recovered from the decoder norms (`_unfold_input_scale`; else 1), which `jaxsae.checkpoint.load`
+    reads and `jaxsae.train.train(cfg, resume=True)` continues."""
     from jaxsae import checkpoint
     from jaxsae.config import RunConfig, TrainConfig, save_config
 
@@ -253,6 +254,7 @@ def _fresh_state(cfg: Any, params: Params) -> Any:
 
     from jaxsae.step import TrainState, make_optimizer, trainable
 
+    params, scale = _unfold_input_scale(params)
     p = {key: jnp.asarray(value, jnp.float32) for key, value in params.items()}
     fields = {
         "params": p,
@@ -260,11 +262,23 @@ def _fresh_state(cfg: Any, params: Params) -> Any:
         "tokens_since_fired": jnp.zeros(cfg.sae.d_sae, jnp.int32),
         "fire_count": jnp.zeros(cfg.sae.d_sae, jnp.int32),
         "step": jnp.zeros((), jnp.int32),
-        "input_scale": jnp.ones((), jnp.float32),
+        "input_scale": jnp.asarray(scale, jnp.float32),
         "layer": jnp.zeros((), jnp.int32),
     }
     one = TrainState(**{name: fields[name] for name in TrainState._fields})
     return jax.tree.map(lambda a: a[None], one)
+
+
+def _unfold_input_scale(params: Params) -> tuple[Params, float]:
+    """Undoes an export's folded input scale s when every decoder row has the same norm 1/s (as ours do):
+    the same function on raw inputs, unit-norm decoder rows, so further training does not jump."""
+    from jaxsae.sae import fold_input_scale
+
+    norms = np.linalg.norm(np.asarray(params["W_dec"], np.float64), axis=1)
+    c = float(norms.mean())
+    if c <= 0 or np.abs(norms / c - 1).max() > 1e-3:
+        return params, 1.0
+    return {k: np.asarray(v) for k, v in fold_input_scale(params, c).items()}, 1.0 / c
 
 
 def _save(checkpoint: ModuleType, mgr: Any, state: Any, cfg: Any, extra: dict) -> None:
