@@ -130,8 +130,11 @@ def _loop(cfg: RunConfig, mesh, source: Source, state: TrainState, batches, mgr,
     bar = tqdm(total=tc.steps, initial=start, unit="step", disable=not tc.progress, dynamic_ncols=True)
     t0, window_start, fire_since = time.perf_counter(), start, start
     with bar, open(metrics_path, "a") as log:
+        metrics = None
         for step in range(start, tc.steps):
+            previous = metrics
             state, metrics = step_fn(state, _global_batch(mesh, next(batches), tc.batch_size), ks)
+            jax.block_until_ready(previous)  # at most one step in flight: an honest bar, bounded memory
             bar.update(1)
             done = step + 1
             if step == start:  # time from here: the first step includes compilation
