@@ -32,6 +32,10 @@ class StoreRows:
         start, stop, _ = rows.indices(self.shape[0])
         return np.asarray(self.store.read_rows(start, stop), np.float32)
 
+    def read_blocks(self, blocks) -> np.ndarray:
+        """Rows of the aligned 1024-row blocks `blocks`, concatenated, float32 (concurrent reads)."""
+        return np.asarray(self.store.read_blocks(blocks), np.float32)
+
 
 @dataclass
 class Source:

@@ -290,6 +290,17 @@ class ActivationStore:
         self._check_range(start, stop)
         return self._arrays["acts"][start:stop].read().result()
 
+    def read_blocks(self, blocks, block_rows: int = CHUNK_ROWS) -> np.ndarray:
+        """Acts of the aligned blocks with ids `blocks`, concatenated in that order: [≤ len·block_rows, d]
+        in the stored dtype. The reads are issued together and run concurrently."""
+        futures = []
+        for b in blocks:
+            start = int(b) * block_rows
+            stop = min(start + block_rows, self.num_rows)
+            self._check_range(start, stop)
+            futures.append(self._arrays["acts"][start:stop].read())
+        return np.concatenate([f.result() for f in futures])
+
     def read_clip_frame(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """(clip, frame), each int32 [stop - start]."""
         self._check_range(start, stop)

@@ -277,3 +277,15 @@ def test_bad_meta_refused(tmp_path):
     with pytest.raises(StoreError, match="compression"):
         create_store(tmp_path / "s", meta(), compression="gzip")
     assert not (tmp_path / "s").exists()
+
+
+def test_read_blocks_equals_the_slices(tmp_path):
+    from jaxsae.store import StoreMeta, create_store
+
+    meta = StoreMeta("e", "r", 1, "h", 16000, 50.0, "float32", 4)
+    store = create_store(tmp_path / "s", meta, durable=False)
+    acts = np.random.default_rng(0).standard_normal((3000, 4)).astype(np.float32)
+    ids = np.arange(3000, dtype=np.int32)
+    store.append(acts, ids, ids)
+    got = store.read_blocks([2, 0, 1])
+    np.testing.assert_array_equal(got, np.concatenate([acts[2048:], acts[:1024], acts[1024:2048]]))
