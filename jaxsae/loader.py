@@ -9,9 +9,12 @@ the exact stream. A batch is float32 [L, b, d_in]: the same rows of every layer,
 
 from __future__ import annotations
 
+import sys
+import threading
+from collections import OrderedDict
+
 import grain
 import numpy as np
-from grain.experimental import FlatMapMapDataset, FlatMapTransform
 
 from jaxsae.data import Source
 from jaxsae.store import CHUNK_ROWS
@@ -35,13 +38,45 @@ def _read_blocks(layer, block_ids: np.ndarray) -> np.ndarray:
     return np.concatenate(blocks)
 
 
-class _SplitBatches(FlatMapTransform):
-    def __init__(self, batch_rows: int, per_group: int):
-        self.batch_rows, self.max_fan_out = batch_rows, per_group
+class _CutBatches(grain.MapDataset):
+    """Element j: batch j % per_group of group j // per_group, [L, batch_rows, d]. The last few groups
+    are kept, so each is looked up, read and permuted once (grain's FlatMap recomputes its parent for
+    every split)."""
 
-    def flat_map(self, rows: np.ndarray) -> list[np.ndarray]:
-        b = self.batch_rows
-        return [rows[:, i * b : (i + 1) * b] for i in range(self.max_fan_out)]
+    def __init__(self, groups: grain.MapDataset, batch_rows: int, per_group: int, keep: int = 4):
+        super().__init__(groups)
+        self.batch_rows, self.per_group, self.keep = batch_rows, per_group, keep
+        self._recent: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return min(sys.maxsize, len(self._parent) * self.per_group)
+
+    def __str__(self) -> str:
+        return f"CutBatches(batch_rows={self.batch_rows}, per_group={self.per_group})"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        group, part = divmod(index, self.per_group)
+        rows = self._group(group)
+        return rows[:, part * self.batch_rows : (part + 1) * self.batch_rows]
+
+    def _group(self, group: int) -> np.ndarray:
+        with self._lock:
+            if group not in self._recent:
+                self._recent[group] = self._parent[group]
+                if len(self._recent) > self.keep:
+                    self._recent.popitem(last=False)
+            return self._recent[group]
+
+    def __getstate__(self) -> dict:  # a copy in another process builds its own cache and lock
+        state = dict(self.__dict__)
+        del state["_recent"], state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _recent=OrderedDict(), _lock=threading.Lock())
 
 
 def batch_dataset(
@@ -59,7 +94,7 @@ def batch_dataset(
     group = max(mix_blocks, -(-local // CHUNK_ROWS))
     ds = grain.MapDataset.range(n_blocks).seed(seed).shuffle().repeat()
     ds = ds[process_index::process_count].batch(group).random_map(_MixBlocks(source))
-    return FlatMapMapDataset(ds, _SplitBatches(local, group * CHUNK_ROWS // local))
+    return _CutBatches(ds, local, group * CHUNK_ROWS // local)
 
 
 def batch_iterator(ds: grain.MapDataset, threads: int = 2) -> grain.DatasetIterator:
