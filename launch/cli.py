@@ -17,7 +17,17 @@ COMMAND_MODULES = (
 )
 
 # Errors that are the user's input, not our bug: one line, exit code 2.
-_USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "StoreError", "ExportError", "AudioError")
+_USER_ERRORS = (
+    "ConfigError",
+    "DataError",
+    "CheckpointError",
+    "StoreError",
+    "ExportError",
+    "AudioError",
+    "EncoderError",
+    "CorpusError",
+    "TrainingError",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
