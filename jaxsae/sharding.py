@@ -59,16 +59,24 @@ def named(mesh: Mesh, specs):
 
 # TrainState fields holding one value per latent; every other unnamed leaf is one value per SAE.
 _PER_LATENT_FIELDS = ("tokens_since_fired", "fire_count")
+# Adam's moments are used element-wise only, so those of the two matrices are split over `data` as
+# well (ZeRO-1): one copy per data replica would double the optimiser's memory.
+_MOMENT_SPECS = {"W_enc": ((DATA, MODEL), 1), "W_dec": ((MODEL, DATA), 2)}  # spec, index of the d_in axis
 
 
-def state_specs(state) -> object:
+def state_specs(state, data_size: int = 1) -> object:
     """PartitionSpecs for a TrainState (or any pytree of params, Adam moments and per-SAE values),
-    found from each leaf's path: a parameter name gives its spec, a per-latent field P('sae', 'model'),
+    found from each leaf's path: a parameter name gives its spec (Adam moments of W_enc / W_dec also
+    split d_in over `data`, when `data_size` divides it), a per-latent field P('sae', 'model'),
     anything else P('sae')."""
 
     def spec(path, leaf) -> P:
         names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
         for name in reversed(names):
+            if name in _MOMENT_SPECS and {"mu", "nu"} & set(names):
+                moment_spec, d_axis = _MOMENT_SPECS[name]
+                if leaf.shape[d_axis] % data_size == 0:
+                    return P(SAE, *moment_spec)
             if name in _LATENT_SPECS:
                 return param_spec(name)
             if name in _PER_LATENT_FIELDS:
@@ -76,3 +84,8 @@ def state_specs(state) -> object:
         return P(SAE)
 
     return jax.tree_util.tree_map_with_path(spec, state)
+
+
+def state_shardings(state, mesh: Mesh):
+    """NamedShardings of a TrainState on `mesh` (see state_specs)."""
+    return named(mesh, state_specs(state, mesh.shape[DATA]))

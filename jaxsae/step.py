@@ -23,7 +23,7 @@ from jaxsae import sae
 from jaxsae.config import RunConfig, SAEConfig, TrainConfig
 from jaxsae.losses import Axes, LossHParams, LossOut, sae_loss
 from jaxsae.selection import DATA, MODEL, SAE
-from jaxsae.sharding import BATCH, named, params_specs, state_specs
+from jaxsae.sharding import BATCH, named, params_specs, state_shardings
 
 _TOKENS_CAP = 2**30  # tokens_since_fired saturates here instead of overflowing int32
 
@@ -95,7 +95,7 @@ def init_states(cfg: RunConfig, samples: jax.Array, input_scales, mesh: Mesh) ->
         return init_state(cfg, key, samples[layer], scales[layer], layer)
 
     batched = jax.vmap(init, in_axes=(0, 0, None, None))
-    shardings = named(mesh, state_specs(jax.eval_shape(batched, keys, layers, samples, scales)))
+    shardings = state_shardings(jax.eval_shape(batched, keys, layers, samples, scales), mesh)
     return jax.jit(batched, out_shardings=shardings)(keys, layers, samples, scales)
 
 
@@ -180,10 +180,10 @@ def make_train_step(cfg: RunConfig, mesh: Mesh, state: TrainState):
         )
         return new_state, metrics
 
-    state_shardings = named(mesh, state_specs(state))
+    shardings = state_shardings(state, mesh)
     return jax.jit(
         step,
-        in_shardings=(state_shardings, named(mesh, BATCH), named(mesh, P(SAE))),
-        out_shardings=(state_shardings, named(mesh, P(SAE))),
+        in_shardings=(shardings, named(mesh, BATCH), named(mesh, P(SAE))),
+        out_shardings=(shardings, named(mesh, P(SAE))),
         donate_argnums=0,
     )

@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxsae.config import MeshConfig, RunConfig, SAEConfig, TrainConfig
 from jaxsae.selection import DATA, MODEL, batchtopk_mask, topk_mask
-from jaxsae.sharding import BATCH, make_mesh, named, state_specs
+from jaxsae.sharding import BATCH, make_mesh, named, state_shardings
 from jaxsae.step import frozen, init_states, loss_hparams, make_train_step, sharded_loss, trainable
 
 MESHES = [(1, 8, 1), (1, 1, 8), (1, 2, 4), (2, 2, 2)]
@@ -72,7 +72,7 @@ def _loss_and_grads(arch, shape, state=None):
     if state is None:
         state = init_states(cfg, jnp.asarray(rows)[None], [0.9], mesh)
     else:
-        state = jax.device_put(state, named(mesh, state_specs(state)))
+        state = jax.device_put(state, state_shardings(state, mesh))
     # some latents dead, so that aux-k runs
     state = state._replace(tokens_since_fired=state.tokens_since_fired.at[:, ::3].set(10 * B))
     dead = state.tokens_since_fired >= cfg.train.dead_tokens
@@ -116,6 +116,8 @@ def test_training_steps_equal_one_device_and_state_is_sharded(arch):
         w_enc = state.params["W_enc"]
         n_shards = shape[0] * shape[2]  # W_enc is split over `sae` and `model`, replicated over `data`
         assert w_enc.addressable_shards[0].data.size == w_enc.size // n_shards
+        mu = state.opt_state[0].mu["W_enc"]  # Adam moments are split over `data` too (ZeRO-1)
+        assert mu.addressable_shards[0].data.size == mu.size // (n_shards * shape[1])
         results[shape] = jax.device_get(state.params)
     for shape, params in results.items():
         for name, value in params.items():
