@@ -115,7 +115,7 @@ class TrainConfig:
         )
 
     @property
-    def n_saes(self) -> int:
+    def n_seeds(self) -> int:
         return len(self.seeds)
 
 
@@ -147,7 +147,7 @@ class RunConfig:
 
     def sae_ks(self) -> tuple[int, ...]:
         """k of each seed's SAE (per layer)."""
-        return self.train.ks or (self.sae.k,) * self.train.n_saes
+        return self.train.ks or (self.sae.k,) * self.train.n_seeds
 
     def sae_grid(self, n_layers: int) -> list[tuple[int, int, int]]:
         """(layer position, seed, k) of every SAE on the `sae` axis: each layer × each seed."""

@@ -99,7 +99,7 @@ def _dataset(cfg: RunConfig, source: Source):
 def check_divisible(cfg: RunConfig, mesh, n_layers: int) -> None:
     """The mesh must split the SAEs, the batch and the latents evenly."""
     for what, n, axis in (
-        ("SAEs (layers × train.seeds)", n_layers * cfg.train.n_saes, "sae"),
+        ("SAEs (layers × train.seeds)", n_layers * cfg.train.n_seeds, "sae"),
         ("train.batch_size", cfg.train.batch_size, "data"),
         ("sae.d_sae", cfg.sae.d_sae, "model"),
     ):
@@ -125,6 +125,7 @@ def _loop(cfg: RunConfig, mesh, source: Source, state: TrainState, batches, mgr,
     grid = cfg.sae_grid(len(source.layers))
     step_fn = make_train_step(cfg, mesh, state)
     ks = jnp.asarray([k for _, _, k in grid], jnp.int32)
+    names = [source.layer_names[layer] for layer, _, _ in grid]
     start = int(np.asarray(state.step)[0])
     last: list[dict] = []
     bar = tqdm(total=tc.steps, initial=start, unit="step", disable=not tc.progress, dynamic_ncols=True)
@@ -145,7 +146,6 @@ def _loop(cfg: RunConfig, mesh, source: Source, state: TrainState, batches, mgr,
             jax.block_until_ready(state)
             elapsed = time.perf_counter() - t0
             tokens_per_s = (done - window_start) * tc.batch_size / elapsed if done > window_start else 0.0
-            names = [source.layer_names[layer] for layer, _, _ in grid]
             last = _records(
                 cfg, grid, names, state, metrics, done, tokens_per_s, (done - fire_since) * tc.batch_size
             )

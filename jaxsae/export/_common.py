@@ -179,3 +179,16 @@ def hook_folder(hook_name: str) -> str:
     """A folder name for a hook point (path separators would nest folders)."""
     name = hook_name.replace("/", ".").replace("\\", ".").strip(". ")
     return name or "sae"
+
+
+def this_or_only_subfolder(path: Path, matches, what: str) -> Path | None:
+    """`path` if `matches(path)`, else its only subfolder that matches (None if none; ExportError naming
+    them if several: the user must pick one)."""
+    if matches(path):
+        return path
+    subs = sorted(p for p in path.iterdir() if p.is_dir() and matches(p)) if path.is_dir() else []
+    if len(subs) > 1:
+        raise ExportError(
+            f"{path}: holds several {what} ({', '.join(p.name for p in subs)}); pass one of them"
+        )
+    return subs[0] if subs else None

@@ -38,6 +38,7 @@ from jaxsae.export._common import (
     read_json,
     sae_config,
     take,
+    this_or_only_subfolder,
     thresholds,
     write_json,
 )
@@ -130,16 +131,11 @@ def _is_trainer_folder(path: Path) -> bool:
 
 def find(path: Path) -> Path | None:
     """The trainer folder: `path` itself, or its only `trainer_*` subfolder."""
-    if _is_trainer_folder(path):
-        return path
-    subs = (
-        [p for p in path.iterdir() if p.is_dir() and p.name.startswith("trainer_")] if path.is_dir() else []
-    )
-    subs = sorted(p for p in subs if _is_trainer_folder(p))
-    if len(subs) > 1:
-        names = ", ".join(p.name for p in subs)
-        raise ExportError(f"{path}: holds several dictionary_learning trainers ({names}); pass one of them")
-    return subs[0] if subs else None
+
+    def matches(p: Path) -> bool:
+        return (p == path or p.name.startswith("trainer_")) and _is_trainer_folder(p)
+
+    return this_or_only_subfolder(path, matches, "dictionary_learning trainers")
 
 
 def read(path: Path) -> tuple[SAEConfig, Params]:

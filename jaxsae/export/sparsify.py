@@ -28,6 +28,7 @@ from jaxsae.export._common import (
     read_safetensors,
     sae_config,
     take,
+    this_or_only_subfolder,
     write_json,
     write_safetensors,
 )
@@ -83,13 +84,7 @@ def _is_hook_folder(path: Path) -> bool:
 
 def find(path: Path) -> Path | None:
     """The hook-point folder: `path` itself, or its only hook-point subfolder."""
-    if _is_hook_folder(path):
-        return path
-    subs = sorted(p for p in path.iterdir() if p.is_dir() and _is_hook_folder(p)) if path.is_dir() else []
-    if len(subs) > 1:
-        names = ", ".join(p.name for p in subs)
-        raise ExportError(f"{path}: holds several sparsify hook points ({names}); pass one of them")
-    return subs[0] if subs else None
+    return this_or_only_subfolder(path, _is_hook_folder, "sparsify hook points")
 
 
 def read(path: Path) -> tuple[SAEConfig, Params]:
