@@ -67,7 +67,7 @@ def sae_loss(
         aux = hp.aux_k_coefficient * aux_k_loss(params, pre, lax.stop_gradient(err), dead, axes)
     loss = recon + sparsity + aux
     fired = codes != 0
-    metrics = reconstruction_metrics(x, x_hat, fired, axes)
+    metrics = reconstruction_metrics(x, x_hat, jnp.sum(fired, dtype=jnp.float32), axes)
     metrics.update(loss=loss, recon_loss=recon, sparsity_loss=sparsity, aux_loss=aux)
     fire_count = psum(jnp.sum(fired, axis=0, dtype=jnp.int32), axes.data)
     return loss, LossOut(fire_count, smallest, metrics)
@@ -103,11 +103,11 @@ def aux_k_loss(
     dead_acts = jnp.where(dead, acts, -1.0)  # below every live ReLU value: only dead ones are chosen
     chosen = topk_mask(dead_acts, k_aux, k_aux, axes.model) & dead
     aux_hat = psum(jnp.where(chosen, acts, 0.0) @ params["W_dec"], axes.model)
-    loss = psum(jnp.sum((residual - aux_hat) ** 2), axes.data) / _total_variance(residual, axes)
+    loss = psum(jnp.sum((residual - aux_hat) ** 2), axes.data) / total_variance(residual, axes)
     return jnp.where(psum(jnp.sum(dead), axes.model) > 0, loss, 0.0)
 
 
-def _total_variance(x: jax.Array, axes: Axes) -> jax.Array:
+def total_variance(x: jax.Array, axes: Axes) -> jax.Array:
     """Σ ‖x − x̄‖² over the global batch; x̄ is the global row mean."""
     n = psum(x.shape[0], axes.data)
     mean = psum(jnp.sum(x, axis=0), axes.data) / n
@@ -115,12 +115,12 @@ def _total_variance(x: jax.Array, axes: Axes) -> jax.Array:
 
 
 def reconstruction_metrics(
-    x: jax.Array, x_hat: jax.Array, fired: jax.Array, axes: Axes = ONE_DEVICE
+    x: jax.Array, x_hat: jax.Array, n_fired: jax.Array, axes: Axes = ONE_DEVICE
 ) -> dict[str, jax.Array]:
-    """MSE (per element), normalised MSE (‖x − x̂‖² / ‖x − x̄‖²), FVE = 1 − nMSE, mean L0 (from the
-    boolean `fired` [b, f])."""
+    """MSE (per element), normalised MSE (‖x − x̂‖² / ‖x − x̄‖²), FVE = 1 − nMSE, mean L0 (from
+    `n_fired`, this device's count of nonzero codes)."""
     n = psum(x.shape[0], axes.data)
     err = psum(jnp.sum((x - x_hat) ** 2), axes.data)
-    nmse = err / _total_variance(x, axes)
-    l0 = psum(jnp.sum(fired, dtype=jnp.float32), tuple(a for a in axes if a)) / n
+    nmse = err / total_variance(x, axes)
+    l0 = psum(jnp.asarray(n_fired, jnp.float32), tuple(a for a in axes if a)) / n
     return {"mse": err / (n * x.shape[1]), "nmse": nmse, "fve": 1.0 - nmse, "l0": l0}

@@ -27,6 +27,26 @@ def vary(x: jax.Array, axis: str | None) -> jax.Array:
     return lax.pcast(x, (axis,), to="varying") if axis else x
 
 
+def vma(x: jax.Array) -> frozenset:
+    """The mesh axes along which `x` varies inside shard_map (empty outside)."""
+    mat = getattr(jax.typeof(x), "manual_axis_type", None)  # jax 0.10: .mat.varying (was .vma)
+    return frozenset(mat.varying) if mat is not None else frozenset()
+
+
+def vary_like(x: jax.Array, *refs: jax.Array) -> jax.Array:
+    """`x` marked varying along every axis along which one of `refs` varies (for results of custom
+    calls, which carry no such type)."""
+    missing = frozenset().union(*map(vma, refs)) - vma(x)
+    return lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
+
+
+def sum_to_vma(ct: jax.Array, primal: jax.Array) -> jax.Array:
+    """A cotangent summed over the axes along which it varies but its primal does not: the gradient of
+    a value replicated over devices is the sum of the per-device gradients."""
+    extra = vma(ct) - vma(primal)
+    return lax.psum(ct, tuple(sorted(extra))) if extra else ct
+
+
 def axis_index(axis: str | None) -> jax.Array:
     return lax.axis_index(axis) if axis else jnp.int32(0)
 

@@ -161,7 +161,7 @@ def test_init_unit_decoder_tied_encoder_and_median_bias():
 def test_metrics_match_numpy():
     x, x_hat = _x(1), _x(2) * 0.3 + _x(1)
     codes = np.where(_x(3)[:, :4] > 0, 1.0, 0.0)
-    m = reconstruction_metrics(jnp.asarray(x), jnp.asarray(x_hat), jnp.asarray(codes) != 0)
+    m = reconstruction_metrics(jnp.asarray(x), jnp.asarray(x_hat), np.sum(codes != 0))
     nmse = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
     np.testing.assert_allclose(m["nmse"], nmse, rtol=1e-5)
     np.testing.assert_allclose(m["fve"], 1 - nmse, rtol=1e-5)

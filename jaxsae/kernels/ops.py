@@ -1,0 +1,155 @@
+"""Differentiable sparse operations and exact selections on top of the backend kernels.
+
+Codes are chunked ELL (see jaxsae.kernels.reference): row [C], idx [C, K] (-1 empty), values [C, K].
+Gradients never touch a dense [b, F] array: the encoder's gradient is a scatter of the selected
+pre-activation gradients, the decoder's a scatter of the selected codes. Collectives name the mesh axis
+that splits the batch rows (`data`); latents are not split here (the sparse path needs model = 1).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxsae.kernels import backend
+from jaxsae.selection import all_gather, axis_index, psum, sum_to_vma, vary_like
+
+
+def _exclusive_cumsum(x: jax.Array) -> jax.Array:
+    return jnp.cumsum(x) - x
+
+
+def _call(name: str, *args, **static):
+    """backend().<name>(*args, **static), its results typed as varying like its array inputs (custom
+    calls inside shard_map carry no device-variance type of their own)."""
+    out = getattr(backend(), name)(*args, **static)
+    arrays = [a for a in args if isinstance(a, jax.Array)]
+    return jax.tree.map(lambda o: vary_like(o, *arrays), out)
+
+
+# --- differentiable ops ---------------------------------------------------------------------------
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def decode(row: jax.Array, idx: jax.Array, val: jax.Array, w_dec: jax.Array, n_rows: int) -> jax.Array:
+    """[n_rows, d]: Σ over each row's slots of val · w_dec[idx] (the sparse decode, without b_dec)."""
+    return _call("gather_sum", row, idx, val, w_dec, n_rows)
+
+
+def _decode_fwd(row, idx, val, w_dec, n_rows):
+    return decode(row, idx, val, w_dec, n_rows), (row, idx, val, w_dec)
+
+
+def _decode_bwd(n_rows, res, g):
+    row, idx, val, w_dec = res
+    d_val = jnp.where(idx >= 0, _call("gather_dot", row, idx, g, w_dec), 0.0)
+    d_w = _call("scatter_rows", row, idx, val, g, w_dec.shape[0])
+    pairs = ((d_val, val), (d_w, w_dec))
+    d_val, d_w = (sum_to_vma(vary_like(d, g, val), p).astype(p.dtype) for d, p in pairs)
+    return None, None, d_val, d_w
+
+
+decode.defvjp(_decode_fwd, _decode_bwd)
+
+
+@jax.custom_vjp
+def selected_pre(
+    pre: jax.Array, x: jax.Array, w_enc: jax.Array, b_enc: jax.Array, b_dec: jax.Array, row, idx
+) -> jax.Array:
+    """[C, K]: the pre-activations (x − b_dec) W_enc + b_enc at the selected slots (0 in empty slots),
+    read from the already computed `pre` [b, F] (no gradient flows into `pre` itself). Its gradient
+    reaches W_enc [d, F], b_enc [F] and b_dec [d] through the selected slots only."""
+    del x, w_enc, b_enc, b_dec
+    return jnp.where(idx >= 0, pre[row[:, None], jnp.maximum(idx, 0)], 0.0)
+
+
+def _selected_fwd(pre, x, w_enc, b_enc, b_dec, row, idx):
+    return selected_pre(pre, x, w_enc, b_enc, b_dec, row, idx), (x, w_enc, b_enc, b_dec, row, idx)
+
+
+def _selected_bwd(res, g):
+    x, w_enc, b_enc, b_dec, row, idx = res
+    n_latents = w_enc.shape[1]
+    g = jnp.where(idx >= 0, g, 0.0)
+    d_w_enc = _call("scatter_rows", row, idx, g, x - b_dec, n_latents).T
+    d_b_enc = jnp.zeros(n_latents + 1, jnp.float32).at[jnp.where(idx >= 0, idx, n_latents)].add(g)[:-1]
+    d_b_dec = -(w_enc.astype(jnp.float32) @ d_b_enc)
+    pairs = ((d_w_enc, w_enc), (d_b_enc, b_enc), (d_b_dec, b_dec))
+    d_w_enc, d_b_enc, d_b_dec = (sum_to_vma(vary_like(d, g, x, w_enc), p).astype(p.dtype) for d, p in pairs)
+    return None, None, d_w_enc, d_b_enc, d_b_dec, None, None
+
+
+selected_pre.defvjp(_selected_fwd, _selected_bwd)
+
+
+def fire_count(idx: jax.Array, fired: jax.Array, n_latents: int) -> jax.Array:
+    """[n_latents] int32: how many slots of each latent have `fired` [C, K] set."""
+    hits = (fired & (idx >= 0)).astype(jnp.int32)
+    return jnp.zeros(n_latents + 1, jnp.int32).at[jnp.where(idx >= 0, idx, n_latents)].add(hits)[:-1]
+
+
+# --- selections -----------------------------------------------------------------------------------
+
+
+def select_topk(acts: jax.Array, k: jax.Array | int, k_max: int, mask: jax.Array | None = None):
+    """TopK as chunked ELL: (row [b], idx [b, k_max]); per row the k largest positive entries of
+    acts [b, F] among latents with mask [F] (default all)."""
+    mask = jnp.ones(acts.shape[1], bool) if mask is None else mask
+    idx = _call("topk_rows", acts, k, mask, k_max)
+    return jnp.arange(acts.shape[0], dtype=jnp.int32), idx
+
+
+def select_batchtopk(acts: jax.Array, k: jax.Array | int, k_max: int, data: str | None = None):
+    """BatchTopK as chunked ELL: exactly k·B positive entries of the global batch (rows split over
+    `data`; fewer when fewer are positive), ties by lower row-major global index, as
+    jaxsae.selection.batchtopk_mask. Returns (row [C], idx [C, k_max], smallest kept value) with
+    C = b·(1 + data size): a row with n entries spans ceil(n / k_max) chunks, and Σ n ≤ k·B."""
+    b, n_latents = acts.shape
+    n_shards = lax.psum(1, data) if data else 1
+    kb = jnp.asarray(k, jnp.int32) * b * n_shards
+    t_bits, need = _kth_largest_bits(acts, kb, data)
+    thr = jnp.full(n_latents, lax.bitcast_convert_type(t_bits, jnp.float32))
+    n_above, n_equal = _call("row_counts", acts, thr)
+    n_equal = jnp.where(t_bits > 0, n_equal, 0)  # with too few positives, zeros are not taken
+    ties_before = _exclusive_cumsum(n_equal) + _earlier_shards(jnp.sum(n_equal), data)
+    quota = jnp.clip(need - ties_before, 0, n_equal)
+    n_chunks = (n_above + quota + k_max - 1) // k_max
+    row, idx = _call("compact", acts, thr, quota, _exclusive_cumsum(n_chunks), b * (1 + n_shards), k_max)
+    return row, idx, lax.bitcast_convert_type(t_bits, jnp.float32)
+
+
+def _earlier_shards(total: jax.Array, data: str | None) -> jax.Array:
+    """Sum of `total` over the data shards before this one."""
+    totals = all_gather(total[None], data, dim=0)
+    return jnp.sum(jnp.where(jnp.arange(totals.shape[0]) < axis_index(data), totals, 0))
+
+
+def _kth_largest_bits(acts: jax.Array, kb: jax.Array, data: str | None):
+    """(bits of the kb-th largest positive value of the global batch, or 0 if fewer are positive;
+    how many entries equal to it must be taken), by a two-level 16-bit radix select: two histogram
+    passes over the local entries, each followed by one psum of 65536 integers."""
+    at_least_hi = _at_least(_call("positive_histogram", acts, 0, 0), kb, data)
+    hi = jnp.maximum(jnp.sum(at_least_hi >= kb) - 1, 0)
+    above_hi = _next(at_least_hi, hi)
+    at_least_lo = _at_least(_call("positive_histogram", acts, hi, 1), kb, data)
+    lo = jnp.maximum(jnp.sum(at_least_lo >= kb - above_hi) - 1, 0)
+    above = above_hi + _next(at_least_lo, lo)
+    enough = at_least_hi[0] >= kb
+    bits = jnp.where(enough, (hi << 16) | lo, 0).astype(jnp.int32)
+    return bits, jnp.where(enough, kb - above, 0)
+
+
+def _at_least(hist: jax.Array, cap: jax.Array, data: str | None) -> jax.Array:
+    """[65536]: entries of the global batch in bins ≥ h, saturated at `cap` (exact below it). Bins are
+    clipped to `cap` before the psum and summed with saturation, so that batches of more than 2^31
+    entries cannot overflow int32 (needs cap · data size < 2^31)."""
+    hist = jnp.minimum(psum(jnp.minimum(hist, cap), data), cap)
+    return lax.associative_scan(lambda a, b: jnp.minimum(a + b, cap), hist, reverse=True)
+
+
+def _next(at_least: jax.Array, h: jax.Array) -> jax.Array:
+    """at_least[h + 1], 0 past the end."""
+    return jnp.where(h + 1 < at_least.shape[0], at_least[jnp.minimum(h + 1, at_least.shape[0] - 1)], 0)

@@ -1,0 +1,143 @@
+"""The sparse loss (jaxsae.sparse_loss) equals the dense one (jaxsae.losses) in value, metrics and
+gradients, on one device and with the batch split over devices; and a training step with sparse kernels
+equals one with dense ones. Runs with every kernel backend available here (reference always)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxsae import kernels, sae
+from jaxsae.config import ConfigError, MeshConfig, RunConfig, SAEConfig, TrainConfig
+from jaxsae.losses import ONE_DEVICE, Axes, LossHParams, sae_loss
+from jaxsae.selection import DATA
+from jaxsae.sharding import make_mesh
+from jaxsae.sparse_loss import sparse_sae_loss
+from jaxsae.step import init_states, make_train_step
+
+BACKENDS = ["reference"] + (["cpu"] if kernels._load("cpu", "cpu") else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv("JAXSAE_KERNELS", request.param)
+    return request.param
+
+
+def _problem(arch: str, seed: int = 0, b: int = 32, d: int = 16, f: int = 64, ties: bool = False):
+    cfg = SAEConfig(d_in=d, d_sae=f, architecture=arch, k=4)
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(b, d)).astype(np.float32))
+    params = sae.init(cfg, jax.random.key(seed), x)
+    params["b_enc"] = jnp.asarray(rng.normal(size=f).astype(np.float32) * 0.1)
+    if ties:  # equal encoder columns give equal pre-activations: ties across latents at the threshold
+        params["W_enc"] = params["W_enc"].at[:, 1].set(params["W_enc"][:, 0])
+        params["b_enc"] = params["b_enc"].at[1].set(params["b_enc"][0])
+        x = x.at[1].set(x[0])  # and across rows
+    dead = jnp.asarray(rng.random(f) < 0.25)
+    hp = LossHParams(jnp.int32(4), jnp.float32(0.0), jnp.float32(1 / 32))
+    return cfg, params, x, dead, hp
+
+
+def _value_and_grad(loss_fn, cfg, params, x, dead, hp, axes=ONE_DEVICE):
+    def f(p):
+        return loss_fn(cfg, p, x, dead, hp, 4, axes)
+
+    return jax.value_and_grad(f, has_aux=True)(params)
+
+
+def _close(a, b, what):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5, err_msg=what)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("ties", [False, True])
+def test_sparse_loss_equals_dense(backend, arch, ties):
+    cfg, params, x, dead, hp = _problem(arch, ties=ties)
+    (loss_d, out_d), grad_d = jax.jit(lambda p: _value_and_grad(sae_loss, cfg, p, x, dead, hp))(params)
+    (loss_s, out_s), grad_s = jax.jit(lambda p: _value_and_grad(sparse_sae_loss, cfg, p, x, dead, hp))(params)
+    assert float(out_d.metrics["aux_loss"]) > 0  # aux-k really ran
+    _close(loss_s, loss_d, "loss")
+    np.testing.assert_array_equal(out_s.fire_count, out_d.fire_count)
+    _close(out_s.smallest_kept, out_d.smallest_kept, "smallest kept")
+    for key in out_d.metrics:
+        _close(out_s.metrics[key], out_d.metrics[key], key)
+    for key in grad_d:
+        if key != "threshold":
+            _close(grad_s[key], grad_d[key], f"d{key}")
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_sparse_loss_equals_dense_with_the_batch_split(backend, arch):
+    """Under shard_map over 4 data shards, with ties across shards: the global BatchTopK still keeps
+    exactly k·B codes, and the gradients equal the unsharded dense ones."""
+    cfg, params, x, dead, hp = _problem(arch, ties=True)
+    mesh = jax.make_mesh((4,), (DATA,), axis_types=(jax.sharding.AxisType.Auto,))
+    specs = ({k: P() for k in params}, P(DATA, None))
+
+    def sharded(p, xs):
+        def f(p, xs):
+            (loss, out), g = _value_and_grad(sparse_sae_loss, cfg, p, xs, dead, hp, Axes(DATA, None))
+            return loss, out.fire_count, g
+
+        return jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=(P(), P(), P()))(p, xs)
+
+    loss_s, fire_s, grad_s = jax.jit(sharded)(params, x)
+    (loss_d, out_d), grad_d = _value_and_grad(sae_loss, cfg, params, x, dead, hp)
+    _close(loss_s, loss_d, "loss")
+    np.testing.assert_array_equal(fire_s, out_d.fire_count)
+    for key in grad_d:
+        if key != "threshold":
+            _close(grad_s[key], grad_d[key], f"d{key}")
+
+
+def _run(kernels_mode: str, arch: str, data: int):
+    cfg = RunConfig(
+        sae=SAEConfig(d_in=16, d_sae=64, architecture=arch, k=4),
+        train=TrainConfig(steps=4, batch_size=32, lr=1e-2, warmup_steps=1, seeds=(0, 1), ks=(3, 4),
+                          dead_tokens=8, kernels=kernels_mode, progress=False),
+        mesh=MeshConfig(sae=2, data=data, model=1),
+    )
+    mesh = make_mesh(cfg.mesh, jax.devices()[: 2 * data])
+    rng = np.random.default_rng(1)
+    samples = jnp.asarray(rng.normal(size=(1, 256, 16)).astype(np.float32))
+    state = init_states(cfg, samples, [1.0], mesh)
+    step = make_train_step(cfg, mesh, state)
+    ks = jnp.asarray([3, 4], jnp.int32)
+    for _ in range(4):
+        x = jnp.asarray(rng.normal(size=(1, 32, 16)).astype(np.float32))
+        state, metrics = step(state, x, ks)
+    return jax.device_get(state), jax.device_get(metrics)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_train_steps_with_sparse_kernels_equal_dense(backend, arch):
+    """Four steps of two SAEs (k 3 and 4) on a (sae 2, data 2) mesh, aux-k active after step 1."""
+    sparse_state, sparse_m = _run("sparse", arch, data=2)
+    dense_state, dense_m = _run("dense", arch, data=2)
+    for key in dense_state.params:  # Adam turns last-bit gradient differences of rarely firing latents
+        a, b = np.asarray(sparse_state.params[key]), np.asarray(dense_state.params[key])  # into ±lr steps
+        assert np.mean(~np.isclose(a, b, rtol=2e-4, atol=2e-5)) < 0.02, key
+        np.testing.assert_allclose(a, b, atol=1e-2, err_msg=key)
+    np.testing.assert_array_equal(sparse_state.tokens_since_fired, dense_state.tokens_since_fired)
+    _close(sparse_m["aux_loss"], dense_m["aux_loss"], "aux loss")
+
+
+def test_sparse_kernels_are_refused_where_they_do_not_apply():
+    cfg = RunConfig(sae=SAEConfig(d_in=16, d_sae=64, architecture="jumprelu"),
+                    train=TrainConfig(kernels="sparse"))
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    with pytest.raises(ConfigError, match="train.kernels"):
+        from jaxsae.step import use_sparse_kernels
+
+        use_sparse_kernels(cfg, mesh)
+
+
+def test_unknown_kernels_option_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.kernels"):
+        dataclasses.replace(TrainConfig(), kernels="fast")
