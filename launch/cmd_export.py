@@ -27,6 +27,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--model-name", default=None, help="model name for the metadata (default: likewise)")
     export.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weight dtype")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    export.add_argument(
+        "--batchtopk-as-topk",
+        action="store_true",
+        help="write BatchTopK SAEs to a TopK-only format (sparsify) as TopK with the same k",
+    )
     export.set_defaults(func=_export)
 
     imp = sub.add_parser(
@@ -51,6 +56,7 @@ def _export(args: argparse.Namespace, rest: list[str]) -> int:
         model_name=args.model_name,
         dtype=args.dtype,
         step=args.step,
+        batchtopk_as_topk=args.batchtopk_as_topk,
     )
     for folder in folders:
         print(f"wrote {args.format}: {folder}")

@@ -93,7 +93,8 @@ def _export(out: Path) -> dict:
     done = {}
     for fmt in FORMATS:
         try:
-            paths = export_checkpoint(out, fmt, out / "export" / fmt)
+            # sparsify holds TopK only: the BatchTopK SAEs go there as TopK with the same k
+            paths = export_checkpoint(out, fmt, out / "export" / fmt, batchtopk_as_topk=True)
             done[fmt] = [str(p) for p in paths]
             print(f"  {fmt}: {len(paths)} SAEs")
         except ExportError as e:

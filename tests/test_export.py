@@ -241,6 +241,24 @@ def test_batchtopk_without_a_threshold_exports_with_a_warning(tmp_path):
     assert cfg.architecture == "batchtopk" and float(got["threshold"]) == -1.0
 
 
+def test_batchtopk_exports_to_sparsify_as_topk_when_asked(tmp_path):
+    """sparsify holds TopK only: on request a batchtopk SAE goes there as TopK with its k, and sparsify's
+    outputs equal our TopK encoder on the same weights."""
+    params = _params("batchtopk")
+    with pytest.raises(ExportError, match="cannot represent architecture 'batchtopk'"):
+        export_sae(_cfg("batchtopk"), params, SCALE, "sparsify", tmp_path / "x", hook_name="h", model_name="")
+    out = export_sae(
+        _cfg("batchtopk"), params, SCALE, "sparsify", tmp_path, hook_name="layers.3", model_name="m",
+        batchtopk_as_topk=True,
+    )
+    x = _raw_rows(ROWS, 0)
+    encode, decode = _load_with_library("sparsify", out)
+    lib_codes = encode(x)
+    topk = {key: v for key, v in params.items() if key != "threshold"}
+    ours = _ours(_cfg("topk"), topk, x)
+    _check_same("sparsify batchtopk-as-topk", (lib_codes, decode(lib_codes)), ours, 1e-5)
+
+
 # ---------------------------------------------------------------- import: library -> ours
 
 

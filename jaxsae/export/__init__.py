@@ -59,13 +59,19 @@ def export_sae(
     model_name: str,
     dtype: str = "float32",
     layer: int | None = None,
+    batchtopk_as_topk: bool = False,
 ) -> Path:
     """Writes one SAE (params without the sae axis, float32, jaxsae layout) in format `fmt` under
     `out_dir`, with `input_scale` folded in; returns the folder `import_sae` reads back.
 
     `dtype` "float32" or "bfloat16" is the dtype of the written weights. ExportError when the format
-    cannot represent `sae_cfg.architecture`, or on bad arguments."""
+    cannot represent `sae_cfg.architecture`, or on bad arguments. `batchtopk_as_topk` writes a batchtopk
+    SAE to a format that holds only TopK (sparsify) as TopK with the same k: the same weights, but
+    per-row top-k at inference instead of the batch threshold (a different encoder; opt-in)."""
     module = format_module(fmt)
+    if batchtopk_as_topk and sae_cfg.architecture == "batchtopk" and "batchtopk" not in module.ARCHITECTURES:
+        sae_cfg = dataclasses.replace(sae_cfg, architecture="topk")
+        params = {key: v for key, v in params.items() if key != "threshold"}
     arch = sae_cfg.architecture
     if arch not in module.ARCHITECTURES:
         raise ExportError(
@@ -113,12 +119,14 @@ def export_checkpoint(
     model_name: str | None = None,
     dtype: str = "float32",
     step: int | None = None,
+    batchtopk_as_topk: bool = False,
 ) -> list[Path]:
     """Exports every SAE on the sae axis of a checkpoint (latest step unless `step`), one folder per SAE:
     `out_dir/seed<S>_k<K>/` (`layer<L>_seed<S>_k<K>/` when the run trained several layers); returns them.
 
-    `hook_name`/`model_name` (applied to every SAE) default to what the run's data source records (the
-    activation store manifest's hook and encoder, per layer), else the source's name."""
+    `batchtopk_as_topk`: see `export_sae`. `hook_name`/`model_name` (applied to every SAE) default to
+    what the run's data source records (the activation store manifest's hook and encoder, per layer),
+    else the source's name."""
     from jaxsae import checkpoint  # orbax: only when a checkpoint is read
 
     format_module(fmt)  # fail on a bad format before reading anything
@@ -141,6 +149,7 @@ def export_checkpoint(
             model_name=model_name or model,
             dtype=dtype,
             layer=layer_number,
+            batchtopk_as_topk=batchtopk_as_topk,
         )
         folders.append(folder)
     return folders

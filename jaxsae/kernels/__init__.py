@@ -1,8 +1,9 @@
 """Sparse kernels of the training step, one implementation per backend behind one set of functions.
 
-`reference` defines the semantics (pure JAX); `cpu` runs them as C++ custom calls, `pallas` as Pallas
-kernels on GPU/TPU. `backend()` picks the fastest available for the default JAX platform; the
-`JAXSAE_KERNELS` environment variable (`reference`, `cpu`, `pallas`) forces one.
+`reference` defines the semantics (pure JAX); `cpu` runs them as C++ custom calls, `pallas` the
+decode and gradient kernels as Pallas kernels on GPU/TPU. `backend()` picks the fastest available for
+the default JAX platform; the `JAXSAE_KERNELS` environment variable (`reference`, `cpu`, `pallas`)
+forces one.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ def _load(name: str, platform: str) -> ModuleType | None:
         return module
     ok = module.available() if name == "cpu" else module.supported(platform)
     return module if ok else None
+
+
+def kernel(name: str, platform: str | None = None):
+    """The function `name` of `backend(platform)`, or the reference's where that backend lacks it
+    (the Pallas backend has the decode and gradient kernels; selections run as XLA there)."""
+    return getattr(backend(platform), name, None) or getattr(_load("reference", "any"), name)
 
 
 def backend(platform: str | None = None) -> ModuleType:

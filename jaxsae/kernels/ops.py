@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxsae.kernels import backend
+from jaxsae.kernels import kernel
 from jaxsae.selection import all_gather, axis_index, psum, sum_to_vma, vary_like
 
 
@@ -23,9 +23,9 @@ def _exclusive_cumsum(x: jax.Array) -> jax.Array:
 
 
 def _call(name: str, *args, **static):
-    """backend().<name>(*args, **static), its results typed as varying like its array inputs (custom
-    calls inside shard_map carry no device-variance type of their own)."""
-    out = getattr(backend(), name)(*args, **static)
+    """The backend's kernel `name` applied to (*args, **static), its results typed as varying like its
+    array inputs (custom calls inside shard_map carry no device-variance type of their own)."""
+    out = kernel(name)(*args, **static)
     arrays = [a for a in args if isinstance(a, jax.Array)]
     return jax.tree.map(lambda o: vary_like(o, *arrays), out)
 
