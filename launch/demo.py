@@ -3,21 +3,18 @@
 1. corpus: labelled speech, music, sounds and silence synthesised offline -> DIR/corpus/
 2. activations: real Whisper tiny.en, encoder layers 2 and 4 -> DIR/store/layer_<n>/
 3. training: a BatchTopK SAE (4x, k 32) per layer × 2 seeds, in one pass -> DIR/checkpoints/, metrics.jsonl
-4. report: reconstruction figures per SAE -> DIR/report/figures.json, index.html
+4. analysis: reconstruction, features, seed stability, probes, unlearning, Whisper splice cost and
+   steering -> DIR/report/index.html (feature browser), figures.json, features.json
 5. PyTorch export -> DIR/export/<format>/<layer>_seed<s>_k<k>/
 Re-running the same command skips finished stages and resumes an interrupted one.
 """
 
 from __future__ import annotations
 
-import html
 import json
 from pathlib import Path
 
-import numpy as np
-
 from jaxsae.config import DataConfig, RunConfig, SAEConfig, TrainConfig
-from jaxsae.data import load_source, sample_rows
 
 DEMO_STEPS = 300
 LAYERS = "2,4"
@@ -52,37 +49,16 @@ def run_demo(out: str | Path, steps: int | None = None, size: str = "default") -
     print(f"[3/5] training {2 * len(cfg.train.seeds)} BatchTopK SAEs in one pass -> {out / 'checkpoints'}")
     from jaxsae.train import train
 
-    result = train(cfg, resume=True)
-    print(f"[4/5] report -> {out / 'report'}")
-    figures = _report(cfg, result, out / "report")
+    train(cfg, resume=True)
+    print(f"[4/5] analysis and report -> {out / 'report'}")
+    from jaxsae.analysis.pipeline import analyze
+
+    figures = analyze(out, out / "store", out / "report", corpus_dir=corpus, model_side=True)
     print(f"[5/5] PyTorch export -> {out / 'export'}")
     figures["exports"] = _export(out)
     (out / "report" / "figures.json").write_text(json.dumps(figures, indent=2))
-    return figures
-
-
-def _report(cfg: RunConfig, result, report: Path) -> dict:
-    """Reconstruction of every SAE (inference mode) on rows sampled from its layer's store."""
-    from jaxsae.evaluate import evaluate
-
-    source = load_source(cfg.data, cfg.sae.d_in)
-    rows = {
-        n: sample_rows(r, 8192, seed=1, where=n)
-        for n, r in zip(source.layer_names, source.layers, strict=True)
-    }
-    saes = []
-    for i, (layer, seed, k) in enumerate(cfg.sae_grid(len(source.layers))):
-        params = {name: np.asarray(v[i]) for name, v in result.state.params.items()}
-        name = source.layer_names[layer]
-        metrics = evaluate(cfg.sae, params, float(result.state.input_scale[i]), rows[name])
-        saes.append({"layer": name, "seed": seed, "k": k, "architecture": cfg.sae.architecture, **metrics})
-        print(
-            f"  {name} seed {seed}: FVE {metrics['fve']:.3f}, L0 {metrics['l0']:.1f}, "
-            f"dead {100 * metrics['dead_fraction']:.1f}%"
-        )
-    report.mkdir(parents=True, exist_ok=True)
-    figures = {"source": source.description, "steps": cfg.train.steps, "saes": saes}
-    (report / "index.html").write_text(_html(figures))
+    _summary(figures)
+    print(f"open {out / 'report' / 'index.html'}")
     return figures
 
 
@@ -103,15 +79,8 @@ def _export(out: Path) -> dict:
     return done
 
 
-def _html(figures: dict) -> str:
-    rows = "".join(
-        f"<tr><td>{html.escape(s['layer'])}</td><td>{s['seed']}</td><td>{s['k']}</td><td>{s['fve']:.3f}</td>"
-        f"<td>{s['l0']:.1f}</td><td>{100 * s['dead_fraction']:.1f}%</td></tr>"
-        for s in figures["saes"]
-    )
-    return (
-        "<!doctype html><meta charset=utf-8><title>jaxsae demo</title>"
-        f"<h1>jaxsae demo</h1><p>{html.escape(figures['source'])}, {figures['steps']} steps.</p>"
-        "<table border=1><tr><th>layer</th><th>seed</th><th>k</th><th>FVE</th><th>L0</th><th>dead</th></tr>"
-        f"{rows}</table>"
-    )
+def _summary(figures: dict) -> None:
+    """The headline figures, printed at the end of the demo."""
+    for row in figures["reconstruction"]["table"]:
+        dead = 100 * row["dead_fraction"]
+        print(f"  {row['sae']}: FVE {row['fve']:.3f}, L0 {row['l0']:.1f}, dead {dead:.1f}%")

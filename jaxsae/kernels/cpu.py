@@ -1,0 +1,126 @@
+"""The sparse kernels as C++ custom calls on the CPU (XLA FFI, OpenMP): same functions, signatures and
+results as `reference` (integers exactly, floats to rounding), built on first use by `build`.
+
+Values are float32 inside the kernels: other float dtypes (bfloat16) are cast in these wrappers, which
+is exact for the comparisons and matches the reference's float32 accumulation. Every call is a
+primitive without a VJP (the training step defines the gradients), batched under `jax.vmap` by a loop
+(`vmap_method="sequential"`) and usable per shard inside `jax.shard_map`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsae.kernels import build
+
+_log = logging.getLogger(__name__)
+
+# Python name -> exported handler symbol; the FFI target is "jaxsae_" + Python name.
+_TARGETS = {
+    "gather_sum": "JaxsaeGatherSum",
+    "gather_dot": "JaxsaeGatherDot",
+    "scatter_rows": "JaxsaeScatterRows",
+    "topk_rows": "JaxsaeTopkRows",
+    "positive_histogram": "JaxsaePositiveHistogram",
+    "row_counts": "JaxsaeRowCounts",
+    "compact": "JaxsaeCompact",
+}
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    """Builds (or finds) the library and registers its FFI targets, once per process."""
+    lib = ctypes.CDLL(str(build.build()))
+    for name, symbol in _TARGETS.items():
+        jax.ffi.register_ffi_target(f"jaxsae_{name}", jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    return lib
+
+
+@functools.cache
+def available() -> bool:
+    """True when the library builds and loads; False (with the reason logged) means use the reference."""
+    try:
+        _library()
+    except Exception as e:  # no compiler, a failed build, an incompatible jaxlib: fall back, never fail
+        _log.warning("jaxsae CPU kernels unavailable: %s", e)
+        return False
+    return True
+
+
+def set_tile(tile: int) -> None:
+    """Floats of d per pass in gather_sum / gather_dot / scatter_rows (tuning only; default 256)."""
+    _library().jaxsae_set_tile(ctypes.c_int64(tile))
+
+
+def _call(name: str, out: object, *args: jax.Array, **attrs: object) -> object:
+    """Runs the custom call `name` with result shape(s) `out`."""
+    _library()
+    return jax.ffi.ffi_call(f"jaxsae_{name}", out, vmap_method="sequential")(*args, **attrs)
+
+
+def _f32(x: jax.Array) -> jax.Array:
+    return jnp.asarray(x, jnp.float32)
+
+
+def _i32(x: jax.Array | int) -> jax.Array:
+    return jnp.asarray(x, jnp.int32)
+
+
+def gather_sum(row: jax.Array, idx: jax.Array, val: jax.Array, w: jax.Array, n_rows: int) -> jax.Array:
+    """[n_rows, d] float32: out[r] = Σ over the slots (c, j) of row r of val[c, j] · w[idx[c, j]].
+    row [C] int32 (sorted), idx [C, K] int32 (-1 empty), val [C, K], w [F, d]."""
+    out = jax.ShapeDtypeStruct((n_rows, w.shape[1]), jnp.float32)
+    return _call("gather_sum", out, _i32(row), _i32(idx), _f32(val), _f32(w))
+
+
+def gather_dot(row: jax.Array, idx: jax.Array, y: jax.Array, w: jax.Array) -> jax.Array:
+    """[C, K] float32: y[row[c]] · w[idx[c, j]], 0 in empty slots (y [b, d], w [F, d])."""
+    out = jax.ShapeDtypeStruct(idx.shape, jnp.float32)
+    return _call("gather_dot", out, _i32(row), _i32(idx), _f32(y), _f32(w))
+
+
+def scatter_rows(row: jax.Array, idx: jax.Array, val: jax.Array, y: jax.Array, n_latents: int) -> jax.Array:
+    """[n_latents, d] float32: out[f] = Σ over slots with idx = f of val[c, j] · y[row[c]] (y [b, d])."""
+    out = jax.ShapeDtypeStruct((n_latents, y.shape[1]), jnp.float32)
+    return _call("scatter_rows", out, _i32(row), _i32(idx), _f32(val), _f32(y))
+
+
+def topk_rows(acts: jax.Array, k: jax.Array | int, mask: jax.Array, size: int) -> jax.Array:
+    """idx [..., size] int32: per row of acts [..., F], the k largest entries among latents with mask[f]
+    and acts > 0 (ties: lower latent id first), ascending, then -1. k ≤ size may be traced."""
+    lead, n_latents = acts.shape[:-1], acts.shape[-1]
+    flat = _f32(acts).reshape(-1, n_latents)
+    out = jax.ShapeDtypeStruct((flat.shape[0], size), jnp.int32)
+    idx = _call("topk_rows", out, flat, _i32(k), jnp.asarray(mask, jnp.bool_))
+    return idx.reshape(*lead, size)
+
+
+def positive_histogram(acts: jax.Array, prefix: jax.Array | int, level: int) -> jax.Array:
+    """[65536] int32 counts of the float32 bit patterns of the positive entries of acts: level 0 bins
+    the high 16 bits; level 1 the low 16 bits of the entries whose high 16 bits equal `prefix`."""
+    out = jax.ShapeDtypeStruct((65536,), jnp.int32)
+    level = np.int32(0 if level == 0 else 1)  # as the reference: any other level is level 1
+    return _call("positive_histogram", out, _f32(acts), _i32(prefix), level=level)
+
+
+def row_counts(acts: jax.Array, thr: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(n_above [b], n_equal [b]) int32: per row, entries with acts[r, f] > thr[f] and == thr[f]."""
+    counts = jax.ShapeDtypeStruct((acts.shape[0],), jnp.int32)
+    return tuple(_call("row_counts", (counts, counts), _f32(acts), _f32(thr)))
+
+
+def compact(
+    acts: jax.Array, thr: jax.Array, quota: jax.Array, chunk_start: jax.Array, n_chunks: int, size: int
+) -> tuple[jax.Array, jax.Array]:
+    """Chunked ELL (row [n_chunks], idx [n_chunks, size]) int32 of the entries with acts[r, f] > thr[f],
+    plus the first quota[r] entries of row r with acts[r, f] == thr[f], row r filling the chunks from
+    chunk_start[r] on (acts [b, F], thr [F], quota and chunk_start [b] int32); as `reference.compact`."""
+    out = (jax.ShapeDtypeStruct((n_chunks,), jnp.int32), jax.ShapeDtypeStruct((n_chunks, size), jnp.int32))
+    row, idx = _call("compact", out, _f32(acts), _f32(thr), _i32(quota), _i32(chunk_start))
+    return row, idx

@@ -1,0 +1,669 @@
+// CPU kernels of jaxsae.kernels (semantics: reference.py), as XLA FFI custom calls.
+//
+// Threading: OpenMP with static partitions; no output element is written by two threads.
+// Values are float32 and accumulate in float32. Sparse codes are chunked ELL:
+//   row [C] int32 (non-decreasing), idx [C, K] int32 (-1 = empty slot), val [C, K] float32.
+
+#include <omp.h>
+
+#if defined(__SSE__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Floats of d per pass over the sparse codes (a tuning knob, jaxsae_set_tile). Tiles keep an [F, tile]
+// slice of the gathered matrix in cache, but measured here (F 6144 and 24576, d 768) they lost to whole
+// rows with software prefetch at every tile size: the default is one pass.
+int64_t g_tile = 1 << 30;
+
+// GCC vector extensions: eight lanes, lowered to AVX2 with -march=native (to SSE pairs without it).
+typedef float f8 __attribute__((vector_size(32)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+typedef uint32_t u8 __attribute__((vector_size(32)));
+
+template <typename V>
+inline V LoadV(const void* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// True if any lane of a comparison result (0 / -1 lanes) is set.
+inline bool Any(i8 m) {
+#if defined(__AVX__)
+  return !_mm256_testz_si256((__m256i)m, (__m256i)m);
+#else
+  int r = 0;
+  for (int q = 0; q < 8; ++q) r |= m[q];
+  return r != 0;
+#endif
+}
+
+inline f8 Load8(const float* p) { return LoadV<f8>(p); }
+
+inline void Store8(float* p, f8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline f8 Splat(float v) {
+  f8 r;
+  for (int i = 0; i < 8; ++i) r[i] = v;
+  return r;
+}
+
+inline float Sum8(f8 s) { return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])); }
+
+// The gathered rows are read at random, so the hardware prefetcher only catches on within a row: each
+// kernel prefetches the rows of the next group of four while it works on the current one.
+inline void Prefetch4(const float* const* p, int64_t x) {
+#ifdef JAXSAE_NO_PREFETCH
+  return;
+#endif
+  __builtin_prefetch(p[0] + x);
+  __builtin_prefetch(p[1] + x);
+  __builtin_prefetch(p[2] + x);
+  __builtin_prefetch(p[3] + x);
+}
+
+// o[0:n] += Σ_{j<4} v[j] · r[j][0:n] (one load and store of o per four rows); prefetches pf[0..3].
+inline void Axpy4(float* __restrict o, const float* const* r, const float* v, const float* const* pf, int64_t n) {
+  const f8 va = Splat(v[0]), vb = Splat(v[1]), vc = Splat(v[2]), ve = Splat(v[3]);
+  int64_t x = 0;
+  for (; x + 16 <= n; x += 16) {
+    Prefetch4(pf, x);
+    for (int h = 0; h < 16; h += 8) {
+      const int64_t y = x + h;
+      Store8(o + y, Load8(o + y) + ((va * Load8(r[0] + y) + vb * Load8(r[1] + y)) +
+                                    (vc * Load8(r[2] + y) + ve * Load8(r[3] + y))));
+    }
+  }
+  for (; x < n; ++x) o[x] += (v[0] * r[0][x] + v[1] * r[1][x]) + (v[2] * r[2][x] + v[3] * r[3][x]);
+}
+
+inline void Axpy1(float* __restrict o, const float* __restrict r, float v, int64_t n) {
+#pragma omp simd
+  for (int64_t x = 0; x < n; ++x) o[x] += v * r[x];
+}
+
+// out[j] += y[0:n] · r[j][0:n] for four rows (shared loads of y, eight accumulator chains).
+inline void Dot4(const float* __restrict y, const float* const* r, const float* const* pf, int64_t n, float* out) {
+  f8 s[8] = {};
+  int64_t x = 0;
+  for (; x + 16 <= n; x += 16) {
+    Prefetch4(pf, x);
+    const f8 y0 = Load8(y + x), y1 = Load8(y + x + 8);
+    for (int j = 0; j < 4; ++j) {
+      s[j] += y0 * Load8(r[j] + x);
+      s[j + 4] += y1 * Load8(r[j] + x + 8);
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    float t = Sum8(s[j] + s[j + 4]);
+    for (int64_t z = x; z < n; ++z) t += y[z] * r[j][z];
+    out[j] = t;
+  }
+}
+
+inline float Dot1(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float t = 0.0f;
+#pragma omp simd reduction(+ : t)
+  for (int64_t x = 0; x < n; ++x) t += a[x] * b[x];
+  return t;
+}
+
+// Row pointers base + src[j]·d + d0 of four consecutive list entries from j on, repeating the last one
+// past the end of the list (prefetching it again is harmless).
+inline void Rows4(const float* base, const int32_t* src, int64_t j, int64_t end, int64_t d, int64_t d0,
+                  const float** out) {
+  for (int q = 0; q < 4; ++q) {
+    const int64_t jj = std::max<int64_t>(0, std::min(j + q, end - 1));
+    out[q] = base + (end > 0 ? src[jj] : 0) * d + d0;
+  }
+}
+
+// out[seg] (+)= Σ over the entries of each segment of wt · base[src] along [d0, d0 + dn), where
+// segments are runs of entries [begin[s], begin[s + 1]) with output row out_row[s].
+void AccumulateRows(const float* base, const int32_t* src, const float* wt, const int64_t* begin,
+                    const int64_t* out_row, int64_t n_seg, float* out, int64_t d, int64_t d0, int64_t dn) {
+  const int64_t end = n_seg ? begin[n_seg] : 0;
+  const float *r[4], *pf[4];
+  for (int64_t s = 0; s < n_seg; ++s) {
+    float* o = out + out_row[s] * d + d0;
+    int64_t j = begin[s];
+    for (; j + 4 <= begin[s + 1]; j += 4) {
+      Rows4(base, src, j, end, d, d0, r);
+      Rows4(base, src, j + 4, end, d, d0, pf);
+      Axpy4(o, r, wt + j, pf, dn);
+    }
+    for (; j < begin[s + 1]; ++j) Axpy1(o, base + src[j] * d + d0, wt[j], dn);
+  }
+}
+
+// OpenMP workers do not inherit the caller's floating-point mode (XLA flushes denormals): set one mode in
+// every thread so that results never depend on which thread handled an entry.
+// Usage: `const FpMode fp;` before the parallel region, `FpScope scope(fp);` first thing inside it.
+// Denormals-are-zero is cleared: comparisons follow IEEE (a denormal is > 0) whatever the caller's mode.
+struct FpMode {
+#if defined(__SSE__)
+  unsigned int csr = _mm_getcsr() & ~0x0040u;
+#endif
+};
+struct FpScope {
+#if defined(__SSE__)
+  unsigned int saved = _mm_getcsr();
+  explicit FpScope(const FpMode& m) { _mm_setcsr(m.csr); }
+  ~FpScope() { _mm_setcsr(saved); }
+#else
+  explicit FpScope(const FpMode&) {}
+#endif
+};
+
+// [lo, hi) of an even static split of n items among the team.
+inline void Split(int64_t n, int64_t& lo, int64_t& hi) {
+  const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+  lo = n * t / nt;
+  hi = n * (t + 1) / nt;
+}
+
+// ---------------------------------------------------------------------------------------------
+// gather_sum: out[r] = Σ val · w[idx] over the slots of row r. Threads own row ranges; as chunks are
+// sorted by row, a row range is a chunk range found by binary search. Each thread lists its non-empty
+// slots once (segments = output rows), then sweeps the list once per tile of d.
+void GatherSum(const int32_t* row, const int32_t* idx, const float* val, const float* w, float* out,
+               int64_t C, int64_t K, int64_t F, int64_t d, int64_t R) {
+  const FpMode fp;
+#pragma omp parallel
+  {
+    FpScope scope(fp);
+    int64_t r0, r1;
+    Split(R, r0, r1);
+    const int64_t c0 = std::lower_bound(row, row + C, (int32_t)r0) - row;
+    const int64_t c1 = std::lower_bound(row, row + C, (int32_t)r1) - row;
+    std::fill(out + r0 * d, out + r1 * d, 0.0f);
+    std::vector<int32_t> src;
+    std::vector<float> wt;
+    std::vector<int64_t> begin, out_row;
+    src.reserve((c1 - c0) * K);
+    wt.reserve((c1 - c0) * K);
+    for (int64_t c = c0; c < c1; ++c) {
+      if (c == c0 || row[c] != row[c - 1]) {
+        begin.push_back((int64_t)src.size());
+        out_row.push_back(row[c]);
+      }
+      for (int64_t j = 0; j < K; ++j) {
+        const int32_t i = idx[c * K + j];
+        if (i < 0) continue;
+        src.push_back(std::min<int32_t>(i, (int32_t)(F - 1)));  // jnp gathers clamp out-of-range ids
+        wt.push_back(val[c * K + j]);
+      }
+    }
+    begin.push_back((int64_t)src.size());
+    for (int64_t d0 = 0; d0 < d; d0 += g_tile)
+      AccumulateRows(w, src.data(), wt.data(), begin.data(), out_row.data(), (int64_t)out_row.size(), out, d,
+                     d0, std::min(g_tile, d - d0));
+  }
+}
+
+// gather_dot: out[c, j] = y[row[c]] · w[idx[c, j]]; threads own chunk ranges; four dots share y loads.
+void GatherDot(const int32_t* row, const int32_t* idx, const float* y, const float* w, float* out,
+               int64_t C, int64_t K, int64_t B, int64_t F, int64_t d) {
+  const FpMode fp;
+#pragma omp parallel
+  {
+    FpScope scope(fp);
+    int64_t c0, c1;
+    Split(C, c0, c1);
+    std::fill(out + c0 * K, out + c1 * K, 0.0f);
+    std::vector<int32_t> src;  // non-empty slots: w row and output position, in order
+    std::vector<int64_t> pos;
+    for (int64_t s = c0 * K; s < c1 * K; ++s)
+      if (idx[s] >= 0) {
+        src.push_back(std::min<int32_t>(idx[s], (int32_t)(F - 1)));
+        pos.push_back(s);
+      }
+    const int64_t n = (int64_t)src.size();
+    const float *r[4], *pf[4];
+    float dots[4];
+    for (int64_t d0 = 0; d0 < d; d0 += g_tile) {
+      const int64_t dn = std::min(g_tile, d - d0);
+      int64_t j = 0;
+      while (j < n) {
+        const int64_t c = pos[j] / K;
+        int64_t rr = row[c];
+        rr = std::clamp<int64_t>(rr < 0 ? rr + B : rr, 0, B - 1);  // jnp indexing: wrap negatives, clamp
+        const float* yr = y + rr * d + d0;
+        int64_t e = j;  // the entries of chunk c
+        while (e < n && pos[e] / K == c) ++e;
+        for (; j + 4 <= e; j += 4) {
+          Rows4(w, src.data(), j, n, d, d0, r);
+          Rows4(w, src.data(), j + 4, n, d, d0, pf);
+          Dot4(yr, r, pf, dn, dots);
+          for (int q = 0; q < 4; ++q) out[pos[j + q]] += dots[q];
+        }
+        for (; j < e; ++j) out[pos[j]] += Dot1(yr, w + src[j] * d + d0, dn);
+      }
+    }
+  }
+}
+
+// scatter_rows: out[f] = Σ val · y[row] over the slots with idx = f. A parallel counting sort turns the
+// slots into per-latent lists (CSC); then each thread owns a latent range balanced by entry count and
+// writes each of its output rows (zeros included) in its own pass, so the [F, d] output is filled once.
+void ScatterRows(const int32_t* row, const int32_t* idx, const float* val, const float* y, float* out,
+                 int64_t C, int64_t K, int64_t B, int64_t F, int64_t d) {
+  const int64_t S = C * K;
+  const int nt_max = omp_get_max_threads();
+  std::vector<int32_t> counts((int64_t)nt_max * F + 1);
+  std::vector<int64_t> start(F + 1), latent(F);
+  std::vector<int32_t> src_row(S);
+  std::vector<float> src_val(S);
+  for (int64_t f = 0; f < F; ++f) latent[f] = f;
+  const FpMode fp;
+#pragma omp parallel
+  {
+    FpScope scope(fp);
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    int64_t s0, s1;
+    Split(S, s0, s1);
+    int32_t* cnt = counts.data() + (int64_t)t * F;
+    std::fill(cnt, cnt + F, 0);
+    for (int64_t s = s0; s < s1; ++s) {
+      const uint32_t i = (uint32_t)idx[s];  // negatives become huge: both kinds of invalid id are skipped
+      if (i < (uint64_t)F) ++cnt[i];
+    }
+#pragma omp barrier
+#pragma omp single
+    {
+      int64_t acc = 0;  // start[f] = first position of latent f; counts become each thread's offsets
+      for (int64_t f = 0; f < F; ++f) {
+        start[f] = acc;
+        for (int u = 0; u < nt; ++u) {
+          const int32_t n = counts[(int64_t)u * F + f];
+          counts[(int64_t)u * F + f] = (int32_t)acc;
+          acc += n;
+        }
+      }
+      start[F] = acc;
+    }
+    for (int64_t s = s0; s < s1; ++s) {
+      const uint32_t i = (uint32_t)idx[s];
+      if (i < (uint64_t)F) {
+        const int32_t p = cnt[i]++;
+        const int64_t r = row[s / K];
+        src_row[p] = (int32_t)std::clamp<int64_t>(r < 0 ? r + B : r, 0, B - 1);  // as jnp's y[row]
+        src_val[p] = val[s];
+      }
+    }
+#pragma omp barrier
+    // This thread's latents: cost ≈ entries + 1 per latent (writing its row).
+    const int64_t total = start[F] + F;
+    auto cut = [&](int64_t u) {
+      const int64_t goal = total * u / nt;
+      int64_t lo = 0, hi = F;  // first f with start[f] + f >= goal
+      while (lo < hi) {
+        const int64_t mid = (lo + hi) / 2;
+        if (start[mid] + mid < goal) lo = mid + 1; else hi = mid;
+      }
+      return lo;
+    };
+    const int64_t f0 = cut(t), f1 = t + 1 == nt ? F : cut(t + 1);
+    for (int64_t d0 = 0; d0 < d; d0 += g_tile) {
+      const int64_t dn = std::min(g_tile, d - d0);
+      for (int64_t f = f0; f < f1; ++f) std::fill(out + f * d + d0, out + f * d + d0 + dn, 0.0f);
+      AccumulateRows(y, src_row.data(), src_val.data(), start.data() + f0, latent.data() + f0, f1 - f0, out, d,
+                     d0, dn);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// topk_rows. A key orders entries like lax.top_k: larger value first, then lower latent id first.
+inline uint64_t Key(uint32_t bits, int64_t f) { return ((uint64_t)bits << 32) | (uint32_t)(0xFFFFFFFFu - f); }
+
+// Per-row scratch: the masked bit patterns (0 = not a candidate), block maxima, candidate keys.
+struct TopkScratch {
+  std::vector<int32_t> bits, block_max;
+  std::vector<uint64_t> cand;
+  explicit TopkScratch(int64_t F) : bits(F), block_max(2 * F), cand(F) {}
+};
+
+// One row, in two vectorised passes. Pass 1 maps entries to their bit patterns (positive floats order as
+// their int32 patterns; masked-out and non-positive entries become 0) and takes the maximum of each block
+// of `blk` entries. The k-th largest block maximum t is a lower bound of the k-th largest entry (the k
+// largest maxima are k distinct entries), and a tight one when blocks outnumber k several times. Pass 2
+// keeps the entries >= t (about k of them), and an nth_element on (value, -latent) keys picks the k best.
+void TopkRow(const float* __restrict a, const uint8_t* __restrict mask, int64_t F, int64_t k, int64_t size,
+             TopkScratch& sc, int32_t* __restrict out) {
+  int64_t blk = 16;  // entries per block, a multiple of 8 or 1
+  while (blk > 1 && F / blk < 4 * k) blk = blk == 16 ? 8 : 1;
+  int32_t* __restrict m = sc.bits.data();
+  int32_t* __restrict bmax = sc.block_max.data();
+  int64_t nb = 0, f = 0;
+  if (blk >= 8)
+    for (; f + blk <= F; f += blk) {
+      i8 mx = {};
+      for (int64_t h = f; h < f + blk; h += 8) {
+        i8 keep = LoadV<f8>(a + h) > 0.0f;
+        for (int q = 0; q < 8; ++q) keep[q] &= -(int32_t)(mask[h + q] != 0);
+        const i8 b = LoadV<i8>(a + h) & keep;
+        std::memcpy(m + h, &b, sizeof(b));
+        mx = mx > b ? mx : b;
+      }
+      int32_t r = mx[0];
+      for (int q = 1; q < 8; ++q) r = std::max(r, mx[q]);
+      bmax[nb++] = r;
+    }
+  const int64_t n_full = nb;  // blocks of blk entries; the tail entries are blocks of their own
+  for (; f < F; ++f) {
+    int32_t b;
+    std::memcpy(&b, a + f, 4);
+    bmax[nb++] = m[f] = (a[f] > 0.0f) & (mask[f] != 0) ? b : 0;
+  }
+  int32_t t = 1;  // fewer than k blocks: every positive entry is a candidate
+  if (nb > k) {
+    int32_t* sel = bmax + F;  // nth_element on a copy: the maxima still tell which blocks to visit
+    std::copy(bmax, bmax + nb, sel);
+    std::nth_element(sel, sel + (k - 1), sel + nb, std::greater<int32_t>());
+    t = std::max<int32_t>(1, sel[k - 1]);
+  }
+  uint64_t* __restrict cand = sc.cand.data();
+  int64_t n = 0;
+  for (int64_t q = 0; q < nb; ++q) {
+    if (bmax[q] < t) continue;
+    const int64_t lo = q < n_full ? q * blk : n_full * blk + (q - n_full), hi = q < n_full ? lo + blk : lo + 1;
+    for (int64_t x = lo; x < hi; ++x) {
+      cand[n] = Key((uint32_t)m[x], x);
+      n += m[x] >= t;
+    }
+  }
+  if (n > k) {
+    std::nth_element(cand, cand + (k - 1), cand + n, std::greater<uint64_t>());
+    n = k;
+  }
+  for (int64_t q = 0; q < n; ++q) out[q] = (int32_t)(0xFFFFFFFFu - (uint32_t)cand[q]);
+  std::sort(out, out + n);
+  std::fill(out + n, out + size, -1);
+}
+
+void TopkRows(const float* acts, const bool* mask, int64_t k, int32_t* out, int64_t R, int64_t F,
+              int64_t size) {
+  k = std::clamp<int64_t>(k, 0, std::min(size, F));
+  if (k == 0) {
+    std::fill(out, out + R * size, -1);
+    return;
+  }
+  const uint8_t* mk = reinterpret_cast<const uint8_t*>(mask);
+  const FpMode fp;
+#pragma omp parallel
+  {
+    FpScope scope(fp);
+    TopkScratch sc(F);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r) TopkRow(acts + r * F, mk, F, k, size, sc, out + r * size);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// positive_histogram. Level 0 bins every entry by its high 16 bits, with the entries that are not > 0
+// moved to a bin >= 0x8000 (the negative half, dropped at the end): no branch (about half the entries
+// are positive) and no shared spare bin whose increments would form one long store-to-load chain.
+constexpr int64_t kBins = 65536;
+constexpr int64_t kBlock = 64;
+
+void Histogram(const float* acts, int64_t n, int32_t prefix, int level, int32_t* out) {
+  const int nt_max = omp_get_max_threads();
+  std::vector<int32_t> priv((int64_t)nt_max * kBins, 0);
+  const FpMode fp;
+#pragma omp parallel
+  {
+    FpScope scope(fp);
+    int64_t i0, i1;
+    Split(n, i0, i1);
+    int32_t* h = priv.data() + (int64_t)omp_get_thread_num() * kBins;
+    const uint32_t* bits = reinterpret_cast<const uint32_t*>(acts);
+    if (level == 0) {
+      uint32_t key[kBlock];
+      int64_t i = i0;
+      for (; i + kBlock <= i1; i += kBlock) {
+#pragma omp simd
+        for (int x = 0; x < kBlock; ++x) key[x] = (bits[i + x] >> 16) | (acts[i + x] > 0.0f ? 0u : 0x8000u);
+        for (int x = 0; x < kBlock; ++x) ++h[key[x]];
+      }
+      for (; i < i1; ++i) ++h[(bits[i] >> 16) | (acts[i] > 0.0f ? 0u : 0x8000u)];
+    } else {
+      // Few entries share the prefix: a well-predicted branch on a vectorised block test.
+      const uint32_t want = (uint32_t)prefix;
+      int64_t i = i0;
+      for (; i + 16 <= i1; i += 16) {
+        const u8 hi0 = LoadV<u8>(bits + i) >> 16, hi1 = LoadV<u8>(bits + i + 8) >> 16;
+        if (Any((hi0 == want) | (hi1 == want)))
+          for (int x = 0; x < 16; ++x)
+            if (acts[i + x] > 0.0f && (bits[i + x] >> 16) == want) ++h[bits[i + x] & 0xFFFF];
+      }
+      for (; i < i1; ++i)
+        if (acts[i] > 0.0f && (bits[i] >> 16) == want) ++h[bits[i] & 0xFFFF];
+    }
+#pragma omp barrier
+    int64_t k0, k1;
+    Split(kBins, k0, k1);
+    const int nt = omp_get_num_threads();
+    const int64_t valid = level == 0 ? kBins / 2 : kBins;
+    for (int64_t key = k0; key < k1; ++key) {
+      int32_t s = 0;
+      for (int u = 0; u < nt; ++u) s += priv[(int64_t)u * kBins + key];
+      out[key] = key < valid ? s : 0;
+    }
+  }
+}
+
+// row_counts: per row, entries above and equal to the per-latent threshold.
+void RowCounts(const float* acts, const float* thr, int32_t* above, int32_t* equal, int64_t R, int64_t F) {
+  const FpMode fp;
+#pragma omp parallel
+  {
+    FpScope scope(fp);
+#pragma omp for schedule(static)
+  for (int64_t r = 0; r < R; ++r) {
+    const float* __restrict a = acts + r * F;
+    int32_t na = 0, ne = 0;
+#pragma omp simd reduction(+ : na, ne)
+    for (int64_t f = 0; f < F; ++f) {
+      na += a[f] > thr[f];
+      ne += a[f] == thr[f];
+    }
+    above[r] = na;
+    equal[r] = ne;
+  }
+  }
+}
+
+// compact: row r's taken latents go, in ascending order, to the flat positions chunk_start[r]·size + slot
+// of idx (its chunks are consecutive). Blocks of 16 with nothing at or above the threshold are skipped.
+void Compact(const float* acts, const float* thr, const int32_t* quota, const int32_t* chunk_start,
+             int32_t* row_out, int32_t* idx_out, int64_t R, int64_t F, int64_t n_chunks, int64_t size) {
+  const int64_t total = n_chunks * size;
+  std::vector<int64_t> taken(R);
+  const FpMode fp;
+#pragma omp parallel
+  {
+    FpScope scope(fp);
+    int64_t p0, p1;
+    Split(total, p0, p1);
+    std::fill(idx_out + p0, idx_out + p1, -1);
+#pragma omp barrier
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r) {
+      const float* __restrict a = acts + r * F;
+      const int64_t base = (int64_t)chunk_start[r] * size;
+      const int64_t q = quota[r];
+      int64_t n = 0, n_eq = 0;
+      auto visit = [&](int64_t f) {
+        const bool eq = a[f] == thr[f];
+        if ((a[f] > thr[f]) | (eq & (n_eq < q))) {
+          const int64_t p = base + n++;
+          if (p >= 0 && p < total) idx_out[p] = (int32_t)f;  // the reference drops writes past the end
+        }
+        n_eq += eq;
+      };
+      int64_t f = 0;
+      for (; f + 16 <= F; f += 16) {
+        const i8 ge = (LoadV<f8>(a + f) >= LoadV<f8>(thr + f)) | (LoadV<f8>(a + f + 8) >= LoadV<f8>(thr + f + 8));
+        if (Any(ge))
+          for (int x = 0; x < 16; ++x) visit(f + x);
+      }
+      for (; f < F; ++f) visit(f);
+      taken[r] = n;
+    }
+  }
+  // Chunk c belongs to the last non-empty row starting at or before it (0 if none), as the reference's
+  // scatter-max + cummax; chunks past the last used one get row R - 1.
+  std::vector<int32_t> owner(n_chunks + 1, 0);
+  int64_t used = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t nc = (taken[r] + size - 1) / size;
+    if (nc == 0) continue;
+    const int64_t s = chunk_start[r];
+    if (s >= 0 && s < n_chunks) owner[s] = std::max<int32_t>(owner[s], (int32_t)r);
+    used = std::max(used, s + nc);
+  }
+  int32_t run = 0;
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    run = std::max(run, owner[c]);
+    row_out[c] = c < used ? run : (int32_t)(R - 1);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// FFI bindings. Shapes are checked by rank in the bindings; sizes come from the buffers.
+
+ffi::Error GatherSumFfi(ffi::Buffer<ffi::S32, 1> row, ffi::Buffer<ffi::S32, 2> idx, ffi::Buffer<ffi::F32, 2> val,
+                        ffi::Buffer<ffi::F32, 2> w, ffi::ResultBuffer<ffi::F32, 2> out) {
+  const auto id = idx.dimensions(), wd = w.dimensions(), od = out->dimensions();
+  if (wd[1] != od[1] || (wd[0] == 0 && id[0] * id[1] > 0))
+    return ffi::Error::InvalidArgument("gather_sum: w [F, d] and out [n_rows, d] disagree");
+  GatherSum(row.typed_data(), idx.typed_data(), val.typed_data(), w.typed_data(), out->typed_data(), id[0],
+            id[1], wd[0], wd[1], od[0]);
+  return ffi::Error::Success();
+}
+
+ffi::Error GatherDotFfi(ffi::Buffer<ffi::S32, 1> row, ffi::Buffer<ffi::S32, 2> idx, ffi::Buffer<ffi::F32, 2> y,
+                        ffi::Buffer<ffi::F32, 2> w, ffi::ResultBuffer<ffi::F32, 2> out) {
+  const auto id = idx.dimensions(), yd = y.dimensions(), wd = w.dimensions();
+  if (yd[1] != wd[1]) return ffi::Error::InvalidArgument("gather_dot: y and w differ in d");
+  GatherDot(row.typed_data(), idx.typed_data(), y.typed_data(), w.typed_data(), out->typed_data(), id[0], id[1],
+            yd[0], wd[0], wd[1]);
+  return ffi::Error::Success();
+}
+
+ffi::Error ScatterRowsFfi(ffi::Buffer<ffi::S32, 1> row, ffi::Buffer<ffi::S32, 2> idx,
+                          ffi::Buffer<ffi::F32, 2> val, ffi::Buffer<ffi::F32, 2> y,
+                          ffi::ResultBuffer<ffi::F32, 2> out) {
+  const auto id = idx.dimensions(), yd = y.dimensions(), od = out->dimensions();
+  if (yd[1] != od[1]) return ffi::Error::InvalidArgument("scatter_rows: y and out differ in d");
+  ScatterRows(row.typed_data(), idx.typed_data(), val.typed_data(), y.typed_data(), out->typed_data(), id[0],
+              id[1], yd[0], od[0], od[1]);
+  return ffi::Error::Success();
+}
+
+ffi::Error TopkRowsFfi(ffi::Buffer<ffi::F32, 2> acts, ffi::BufferR0<ffi::S32> k, ffi::Buffer<ffi::PRED, 1> mask,
+                       ffi::ResultBuffer<ffi::S32, 2> out) {
+  const auto ad = acts.dimensions(), od = out->dimensions();
+  if (mask.dimensions()[0] != ad[1]) return ffi::Error::InvalidArgument("topk_rows: mask is not [F]");
+  TopkRows(acts.typed_data(), mask.typed_data(), k.typed_data()[0], out->typed_data(), ad[0], ad[1], od[1]);
+  return ffi::Error::Success();
+}
+
+ffi::Error HistogramFfi(ffi::Buffer<ffi::F32> acts, ffi::BufferR0<ffi::S32> prefix,
+                        ffi::ResultBuffer<ffi::S32, 1> out, int32_t level) {
+  Histogram(acts.typed_data(), (int64_t)acts.element_count(), prefix.typed_data()[0], level, out->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error RowCountsFfi(ffi::Buffer<ffi::F32, 2> acts, ffi::Buffer<ffi::F32, 1> thr,
+                        ffi::ResultBuffer<ffi::S32, 1> above, ffi::ResultBuffer<ffi::S32, 1> equal) {
+  const auto ad = acts.dimensions();
+  RowCounts(acts.typed_data(), thr.typed_data(), above->typed_data(), equal->typed_data(), ad[0], ad[1]);
+  return ffi::Error::Success();
+}
+
+ffi::Error CompactFfi(ffi::Buffer<ffi::F32, 2> acts, ffi::Buffer<ffi::F32, 1> thr, ffi::Buffer<ffi::S32, 1> quota,
+                      ffi::Buffer<ffi::S32, 1> chunk_start, ffi::ResultBuffer<ffi::S32, 1> row,
+                      ffi::ResultBuffer<ffi::S32, 2> idx) {
+  const auto ad = acts.dimensions(), id = idx->dimensions();
+  Compact(acts.typed_data(), thr.typed_data(), quota.typed_data(), chunk_start.typed_data(), row->typed_data(),
+          idx->typed_data(), ad[0], ad[1], id[0], id[1]);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// Aliases: template commas would split the arguments of the binding macros.
+using I32Vec = ffi::Buffer<ffi::S32, 1>;
+using I32Mat = ffi::Buffer<ffi::S32, 2>;
+using F32Vec = ffi::Buffer<ffi::F32, 1>;
+using F32Mat = ffi::Buffer<ffi::F32, 2>;
+using BoolVec = ffi::Buffer<ffi::PRED, 1>;
+
+extern "C" void jaxsae_set_tile(int64_t tile) { g_tile = tile > 0 ? tile : 1 << 30; }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeGatherSum, GatherSumFfi,
+                              ffi::Ffi::Bind()
+                                  .Arg<I32Vec>()
+                                  .Arg<I32Mat>()
+                                  .Arg<F32Mat>()
+                                  .Arg<F32Mat>()
+                                  .Ret<F32Mat>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeGatherDot, GatherDotFfi,
+                              ffi::Ffi::Bind()
+                                  .Arg<I32Vec>()
+                                  .Arg<I32Mat>()
+                                  .Arg<F32Mat>()
+                                  .Arg<F32Mat>()
+                                  .Ret<F32Mat>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeScatterRows, ScatterRowsFfi,
+                              ffi::Ffi::Bind()
+                                  .Arg<I32Vec>()
+                                  .Arg<I32Mat>()
+                                  .Arg<F32Mat>()
+                                  .Arg<F32Mat>()
+                                  .Ret<F32Mat>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeTopkRows, TopkRowsFfi,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32Mat>()
+                                  .Arg<ffi::BufferR0<ffi::S32>>()
+                                  .Arg<BoolVec>()
+                                  .Ret<I32Mat>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaePositiveHistogram, HistogramFfi,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::BufferR0<ffi::S32>>()
+                                  .Ret<I32Vec>()
+                                  .Attr<int32_t>("level"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeRowCounts, RowCountsFfi,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32Mat>()
+                                  .Arg<F32Vec>()
+                                  .Ret<I32Vec>()
+                                  .Ret<I32Vec>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeCompact, CompactFfi,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32Mat>()
+                                  .Arg<F32Vec>()
+                                  .Arg<I32Vec>()
+                                  .Arg<I32Vec>()
+                                  .Ret<I32Vec>()
+                                  .Ret<I32Mat>());

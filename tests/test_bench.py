@@ -1,0 +1,73 @@
+"""`jaxsae bench` at tiny shapes (d_in 32, d_sae 128, batch 64, 2 steps): the CLI runs our step and
+two installed peers, the JSON has its keys, and a peer library that is not installed is skipped with a
+message. No timing is asserted. Our step runs with dense kernels here, so that this harness test does
+not depend on which kernels the step picks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jaxsae.bench import runner
+from jaxsae.bench.options import BenchOptions, parse_mesh
+from jaxsae.bench.peers import PEERS
+from jaxsae.config import ConfigError
+from launch.cli import main
+
+TINY = ["--d-in", "32", "--expansion", "4", "--k", "4", "--batch", "64", "--steps", "2", "--warmup", "1"]
+TINY_OPTS = BenchOptions(d_in=32, expansion=4, k=4, batch=64, steps=2, warmup=1, kernels="dense")
+
+
+def test_cli_json_with_peers(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", *TINY, "--kernels", "dense", "--mesh", "sae=1,data=2,model=2", "--devices", "4"]
+    assert main([*argv, "--compare", "saelens,sparsify", "--json", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    result = json.loads(out.read_text())
+    assert printed == result
+    assert {"tokens_per_s", "floor_ratio", "peers", "runs", "machine", "config"} <= result.keys()
+    run = result["runs"]["batchtopk"]
+    assert run["mesh"] == {"sae": 1, "data": 2, "model": 2}
+    assert result["tokens_per_s"]["batchtopk"] > 0 and result["floor_ratio"]["batchtopk"] > 0
+    assert set(run["breakdown_s"]) >= {"encoder_matmul", "selection", "decode", "backward", "optimizer"}
+    assert run["memory"]["bound_bytes"] > 0 and run["dead_fraction"] > 0
+    assert set(result["peers"]) == {"saelens-batchtopk", "sparsify-topk"}
+    for name, tokens_per_s in result["peers"].items():
+        assert tokens_per_s > 0, name
+        assert run["peer_details"][name]["aux_active"], f"{name}: aux-k did not run"
+    assert result["machine"]["cpu"] and result["machine"]["cores"]
+
+
+def test_missing_peer_is_skipped(tmp_path, monkeypatch, capsys):
+    """A library that fails to import (a stub package on PYTHONPATH) is skipped with a message, its value
+    null; `runner.run_ours` is replaced so that only the peer processes run."""
+    for package in ("sparsify", "sae_lens"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("raise ImportError('simulated: not installed')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    fake_ours = {"architecture": "topk", "tokens_per_s": 1.0}
+    monkeypatch.setattr(runner, "run_ours", lambda opts: dict(fake_ours))
+    result = runner.run_bench(TINY_OPTS, ["topk"], ("saelens", "sparsify"), say=lambda _: None)
+    assert result["peers"] == {"sparsify-topk": None, "saelens-topk": None}
+    for detail in result["runs"]["topk"]["peer_details"].values():
+        assert "not installed" in detail["skipped"]
+    from jaxsae.bench.report import peer_lines
+
+    assert all("skipped: not installed" in line for line in peer_lines(result["runs"]["topk"]))
+
+
+def test_bf16_is_measured_or_reported():
+    from jaxsae.bench import ours
+
+    out = ours.run(BenchOptions(**{**TINY_OPTS.__dict__, "dtype": "bfloat16", "breakdown": False}))
+    assert out.get("skipped", "").startswith("bf16 not supported") or out["tokens_per_s"] > 0
+
+
+def test_options_round_trip_and_mesh():
+    opts = BenchOptions(d_in=16, expansion=2, breakdown=False, dead_fraction=0.5, mesh="data=2")
+    assert BenchOptions.from_argv(opts.to_argv()) == opts
+    assert parse_mesh("sae=2,data=4,model=1").data == 4
+    with pytest.raises(ConfigError):
+        parse_mesh("data=x")
+    assert [p.name for p in PEERS if p.library == "sparsify"] == ["sparsify-topk"]

@@ -1,0 +1,237 @@
+"""The C++ CPU kernels (jaxsae.kernels.cpu) against the pure-JAX reference: integers exactly, floats to
+rounding; under jit, vmap (sequential) and shard_map on a 2-device mesh."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from jaxsae.kernels import cpu
+from jaxsae.kernels import reference as ref
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="no CPU kernels (no g++ or a failed build)")
+
+# The reference, jitted whole (op-by-op dispatch compiles every small op separately: slow).
+R = {
+    "gather_sum": jax.jit(ref.gather_sum, static_argnums=4),
+    "gather_dot": jax.jit(ref.gather_dot),
+    "scatter_rows": jax.jit(ref.scatter_rows, static_argnums=4),
+    "topk_rows": jax.jit(ref.topk_rows, static_argnums=3),
+    "positive_histogram": jax.jit(ref.positive_histogram, static_argnums=2),
+    "row_counts": jax.jit(ref.row_counts),
+    "compact": jax.jit(ref.compact, static_argnums=(4, 5)),
+}
+SHAPES = [(5, 17, 3, 4), (64, 512, 48, 16)]  # b, F, d, K
+
+
+def codes(rng: np.random.Generator, b: int, n_latents: int, size: int, max_per_row: int, spare: int = 3):
+    """Chunked ELL with rows of 0..max_per_row latents (several chunks when > size), some holes (-1) inside
+    chunks, and `spare` unused trailing chunks (row b - 1, idx -1). Returns row, idx, val."""
+    rows, chunks = [], []
+    for r in range(b):
+        n = int(rng.integers(0, max_per_row + 1)) if r % 4 else 0  # every 4th row has no entries
+        ids = np.sort(rng.choice(n_latents, n, replace=False)).astype(np.int32)
+        for start in range(0, n, size):
+            chunk = np.full(size, -1, np.int32)
+            part = ids[start : start + size]
+            chunk[: len(part)] = part
+            rows.append(r)
+            chunks.append(chunk)
+    for _ in range(spare):
+        rows.append(b - 1)
+        chunks.append(np.full(size, -1, np.int32))
+    idx = np.stack(chunks)
+    idx[rng.random(idx.shape) < 0.1] = -1  # empty slots between entries
+    val = (rng.standard_normal(idx.shape) * (idx >= 0)).astype(np.float32)
+    return np.asarray(rows, np.int32), idx, val
+
+
+def close(a: jax.Array, b: jax.Array, rtol: float = 1e-5) -> None:
+    """Equal within rtol, relative to each entry or (for cancellation near 0) to the largest entry."""
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * max(1.0, float(np.abs(b).max(initial=0))))
+
+
+def tied_acts(rng: np.random.Generator, b: int, n_latents: int) -> np.ndarray:
+    """Pre-activations on a coarse grid (many exact ties), one all-negative row and one all-zero row."""
+    acts = np.round(rng.standard_normal((b, n_latents)) * 4) / 4
+    acts[1 % b] = -np.abs(acts[1 % b]) - 0.5
+    acts[2 % b] = 0.0
+    return acts.astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sparse_products(shape):
+    b, n_latents, d, size = shape
+    rng = np.random.default_rng(0)
+    row, idx, val = codes(rng, b, n_latents, size, max_per_row=3 * size)
+    w = rng.standard_normal((n_latents, d)).astype(np.float32)
+    y = rng.standard_normal((b, d)).astype(np.float32)
+    close(cpu.gather_sum(row, idx, val, w, b), R["gather_sum"](row, idx, val, w, b))
+    close(cpu.gather_dot(row, idx, y, w), R["gather_dot"](row, idx, y, w))
+    close(cpu.scatter_rows(row, idx, val, y, n_latents), R["scatter_rows"](row, idx, val, y, n_latents))
+    assert np.all(np.asarray(cpu.gather_dot(row, idx, y, w))[idx < 0] == 0)
+
+
+def test_sparse_products_bfloat16_inputs():
+    """bfloat16 values are cast to float32 by the wrapper, as the reference does before accumulating."""
+    rng = np.random.default_rng(1)
+    row, idx, val = codes(rng, 8, 40, 4, max_per_row=9)
+    w = jnp.asarray(rng.standard_normal((40, 16)), jnp.bfloat16)
+    y = jnp.asarray(rng.standard_normal((8, 16)), jnp.bfloat16)
+    val = jnp.asarray(val, jnp.bfloat16)
+    close(cpu.gather_sum(row, idx, val, w, 8), R["gather_sum"](row, idx, val, w, 8))
+    close(cpu.gather_dot(row, idx, y, w), R["gather_dot"](row, idx, y, w))
+    close(cpu.scatter_rows(row, idx, val, y, 40), R["scatter_rows"](row, idx, val, y, 40))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_topk_rows(shape):
+    b, n_latents, _, size = shape
+    rng = np.random.default_rng(2)
+    acts = tied_acts(rng, b, n_latents)
+    mask = rng.random(n_latents) < 0.8
+    topk = jax.jit(cpu.topk_rows, static_argnums=3)
+    for k in (0, 1, size // 2, size):  # k traced, below and at the static size
+        np.testing.assert_array_equal(topk(acts, k, mask, size), R["topk_rows"](acts, k, mask, size))
+    np.testing.assert_array_equal(
+        cpu.topk_rows(acts, size, np.ones(n_latents, bool), n_latents),  # everything positive, sorted
+        R["topk_rows"](acts, size, np.ones(n_latents, bool), n_latents),
+    )
+
+
+def test_topk_rows_large_rows():
+    """Wide rows take the block-maximum bound (blocks of 16); narrow ones fall back to smaller blocks."""
+    rng = np.random.default_rng(3)
+    for n_latents, k in ((4096, 50), (300, 50), (40, 12)):
+        acts = np.round(rng.standard_normal((6, n_latents)) * 64).astype(np.float32) / 64
+        acts[0, ::7] = 3.0  # a tie larger than k
+        mask = rng.random(n_latents) < 0.9
+        np.testing.assert_array_equal(cpu.topk_rows(acts, k, mask, k), R["topk_rows"](acts, k, mask, k))
+
+
+def test_positive_histogram():
+    rng = np.random.default_rng(4)
+    acts = (rng.standard_normal((33, 97)) * np.exp(rng.uniform(-8, 8, (33, 97)))).astype(np.float32)
+    acts[0, :6] = [0.0, -0.0, np.inf, -np.inf, np.nan, 1.0]
+    acts[1, :20] = 1.5  # a hot bin at both levels
+    hist = jax.jit(cpu.positive_histogram, static_argnums=2)
+    level0 = np.asarray(hist(acts, 0, 0))
+    np.testing.assert_array_equal(level0, R["positive_histogram"](acts, 0, 0))
+    for prefix in (int(np.argmax(level0)), 0x3FC0, 0x7F80, 0, -5):
+        np.testing.assert_array_equal(hist(acts, prefix, 1), R["positive_histogram"](acts, prefix, 1))
+
+
+def thresholds(rng: np.random.Generator, acts: np.ndarray) -> np.ndarray:
+    """Per-latent thresholds equal to existing entries (ties), a few ±inf and nan."""
+    thr = acts[rng.integers(0, acts.shape[0], acts.shape[1]), np.arange(acts.shape[1])].copy()
+    thr[:3] = [np.inf, -np.inf, np.nan]
+    return thr
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_row_counts_and_compact(shape):
+    b, n_latents, _, size = shape
+    rng = np.random.default_rng(5)
+    acts = tied_acts(rng, b, n_latents)
+    thr = thresholds(rng, acts)
+    above, equal = (np.asarray(x) for x in cpu.row_counts(acts, thr))
+    ref_above, ref_equal = R["row_counts"](acts, thr)
+    np.testing.assert_array_equal(above, ref_above)
+    np.testing.assert_array_equal(equal, ref_equal)
+    quota = rng.integers(0, 3, b).astype(np.int32)
+    n = above + np.minimum(equal, quota)
+    n_row_chunks = (n + size - 1) // size
+    chunk_start = (np.cumsum(n_row_chunks) - n_row_chunks).astype(np.int32)
+    n_chunks = int(n_row_chunks.sum()) + 2  # unused trailing chunks
+    compact = jax.jit(cpu.compact, static_argnums=(4, 5))
+    got = compact(acts, thr, quota, chunk_start, n_chunks, size)
+    want = R["compact"](acts, thr, quota, chunk_start, n_chunks, size)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+    # Too few chunks: writes past the end are dropped, as in the reference.
+    got = cpu.compact(acts, thr, quota, chunk_start, n_chunks // 2, size)
+    want = R["compact"](acts, thr, quota, chunk_start, n_chunks // 2, size)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_vmap_over_saes():
+    """A leading `sae` axis on every operand (k too) runs the kernel once per SAE."""
+    rng = np.random.default_rng(6)
+    n_sae, b, n_latents, d, size = 3, 12, 64, 8, 5
+    acts = np.stack([tied_acts(rng, b, n_latents) for _ in range(n_sae)])
+    mask = rng.random((n_sae, n_latents)) < 0.9
+    ks = np.array([1, 3, 5], np.int32)
+    idx = jax.vmap(cpu.topk_rows, (0, 0, 0, None))(acts, ks, mask, size)
+    want = jnp.stack([R["topk_rows"](acts[i], ks[i], mask[i], size) for i in range(n_sae)])
+    np.testing.assert_array_equal(idx, want)
+    row = np.arange(b, dtype=np.int32)
+    val = rng.standard_normal(idx.shape).astype(np.float32) * (np.asarray(idx) >= 0)
+    w = rng.standard_normal((n_sae, n_latents, d)).astype(np.float32)
+    y = rng.standard_normal((n_sae, b, d)).astype(np.float32)
+    got = jax.jit(
+        jax.vmap(
+            lambda i, v, w, y: (
+                cpu.gather_sum(row, i, v, w, b),  # row is shared: a mix of batched and unbatched operands
+                cpu.gather_dot(row, i, y, w),
+                cpu.scatter_rows(row, i, v, y, n_latents),
+            )
+        )
+    )(idx, val, w, y)
+    for s in range(n_sae):
+        close(got[0][s], R["gather_sum"](row, idx[s], val[s], w[s], b))
+        close(got[1][s], R["gather_dot"](row, idx[s], y[s], w[s]))
+        close(got[2][s], R["scatter_rows"](row, idx[s], val[s], y[s], n_latents))
+    hist = jax.vmap(lambda a: cpu.positive_histogram(a, 0, 0))(acts)
+    for i in range(n_sae):
+        np.testing.assert_array_equal(hist[i], R["positive_histogram"](acts[i], 0, 0))
+
+
+def test_shard_map_two_devices():
+    """Per-shard calls on a 2-device mesh: rows of the batch split across devices."""
+    mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+    rng = np.random.default_rng(7)
+    b, n_latents, d, size = 16, 96, 8, 6
+    acts = tied_acts(rng, b, n_latents)
+    mask = rng.random(n_latents) < 0.9
+    w = rng.standard_normal((n_latents, d)).astype(np.float32)
+    rows_spec = P("data")
+
+    def local(a: jax.Array, m: jax.Array, w: jax.Array, k: jax.Array):
+        idx = cpu.topk_rows(a, k, m, size)
+        row = jnp.arange(a.shape[0], dtype=jnp.int32)
+        vals = jnp.take_along_axis(a, jnp.maximum(idx, 0), axis=1) * (idx >= 0)
+        recon = cpu.gather_sum(row, idx, vals, w, a.shape[0])
+        grad_w = jax.lax.psum(cpu.scatter_rows(row, idx, vals, recon, n_latents), "data")
+        hist = jax.lax.psum(cpu.positive_histogram(a, 0, 0), "data")
+        return idx, recon, grad_w, hist
+
+    sharded = jax.jit(
+        jax.shard_map(
+            local, mesh=mesh, in_specs=(rows_spec, P(), P(), P()), out_specs=(rows_spec, rows_spec, P(), P())
+        )
+    )
+    idx, recon, grad_w, hist = sharded(acts, mask, w, jnp.int32(4))
+    want_idx = R["topk_rows"](acts, 4, mask, size)
+    np.testing.assert_array_equal(idx, want_idx)
+    row = np.arange(b, dtype=np.int32)
+    vals = np.take_along_axis(acts, np.maximum(np.asarray(want_idx), 0), axis=1) * (np.asarray(want_idx) >= 0)
+    want_recon = R["gather_sum"](row, want_idx, vals, w, b)
+    close(recon, want_recon)
+    close(grad_w, R["scatter_rows"](row, want_idx, vals, want_recon, n_latents))
+    np.testing.assert_array_equal(hist, R["positive_histogram"](acts, 0, 0))
+
+
+def test_primitives_have_no_gradient():
+    """The kernels are bare custom calls: differentiating them needs the caller's custom_vjp."""
+    rng = np.random.default_rng(8)
+    row, idx, val = codes(rng, 4, 10, 3, max_per_row=3)
+    w = rng.standard_normal((10, 5)).astype(np.float32)
+    with pytest.raises(Exception):  # noqa: B017 - JAX's error type for a missing JVP rule is internal
+        jax.grad(lambda w: cpu.gather_sum(row, idx, val, w, 4).sum())(w)
