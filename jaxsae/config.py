@@ -72,6 +72,9 @@ class DataConfig:
         _check(0 < self.active <= self.n_atoms, "data.active", "must be in 1..n_atoms")
 
 
+KERNELS = ("auto", "dense", "sparse")  # TrainConfig.kernels
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimiser, schedule, losses and logging of a training run."""
@@ -93,11 +96,14 @@ class TrainConfig:
     scale_sample_rows: int = 16_384  # rows used to estimate the input scale
     log_every: int = 50
     checkpoint_every: int = 0  # 0: only at the end
+    skip_nonfinite: bool = False  # a non-finite loss: false stops the run, true skips that batch's update
     out_dir: str = "runs/train"
     progress: bool = True
+    kernels: str = "auto"  # auto: sparse kernels where they apply (model axis 1); dense; sparse
 
     def __post_init__(self) -> None:
         _check(self.steps > 0, "train.steps", "must be positive")
+        _check(self.kernels in KERNELS, "train.kernels", f"must be one of {', '.join(KERNELS)}")
         _check(self.batch_size > 0, "train.batch_size", "must be positive")
         _check(self.lr > 0, "train.lr", "must be positive")
         _check(0 <= self.decay_fraction <= 1, "train.decay_fraction", "must be in [0, 1]")
@@ -187,7 +193,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     for key, value in data.items():
         path = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(f"unknown key '{path}'{_suggest(key, names, prefix)}")
+            raise ConfigError(f"unknown key '{path}'{_suggest(str(key), names, prefix)}")
         kwargs[key] = _coerce(hints[key], value, path)
     try:
         return cls(**kwargs)
@@ -275,9 +281,20 @@ def parse_overrides(args: list[str]) -> dict:
         parts = key.split(".")
         if len(parts) != 2 or not all(parts):
             raise ConfigError(f"option '--{key}': expected --section.key=value, e.g. --train.lr=1e-3")
-        out.setdefault(parts[0], {})[parts[1]] = yaml.safe_load(value) if value else value
+        out.setdefault(parts[0], {})[parts[1]] = _yaml_value(value)
         i += 1
     return out
+
+
+def _yaml_value(value: str) -> Any:
+    """A command-line value read as YAML (`1e-3`, `[1, 2]`, `true`), or the text itself where it is not
+    YAML (`[1`, `@x`): the field's type check then names the key."""
+    if not value:
+        return value
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -306,6 +323,9 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file not found: {p}")
     try:
         data = yaml.safe_load(p.read_text()) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        reason = " ".join(str(e).split())
+        raise ConfigError(f"{p}: cannot read config ({type(e).__name__}: {reason})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -19,11 +19,12 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jaxsae import sae
-from jaxsae.config import RunConfig, SAEConfig, TrainConfig
+from jaxsae import sae, sparse_loss
+from jaxsae.config import ConfigError, RunConfig, SAEConfig, TrainConfig
 from jaxsae.losses import Axes, LossHParams, LossOut, sae_loss
 from jaxsae.selection import DATA, MODEL, SAE
 from jaxsae.sharding import BATCH, named, params_specs, state_shardings
+from jaxsae.sparse_loss import jumprelu_overflows, sparse_sae_loss
 
 _TOKENS_CAP = 2**30  # tokens_since_fired saturates here instead of overflowing int32
 
@@ -122,15 +123,47 @@ def update_threshold(cfg: SAEConfig, threshold: jax.Array, smallest: jax.Array, 
     return jnp.where(step >= cfg.threshold_start_step, ema, threshold)
 
 
+def use_sparse_kernels(cfg: RunConfig, mesh: Mesh) -> bool:
+    """Whether the step uses the sparse loss (jaxsae.sparse_loss): `train.kernels` auto picks it where
+    it applies; `sparse` insists (an error where it cannot)."""
+    ok = sparse_loss.supports(cfg.sae, mesh.shape[MODEL])
+    if cfg.train.kernels == "sparse" and not ok:
+        raise ConfigError(
+            f"train.kernels: sparse needs architecture topk or batchtopk and mesh.model 1 "
+            f"(got {cfg.sae.architecture}, model {mesh.shape[MODEL]})"
+        )
+    return ok and cfg.train.kernels != "dense"
+
+
 def sharded_loss(cfg: RunConfig, mesh: Mesh):
     """`loss(trainable, frozen, x, dead, hp, scale, layer) -> (Σ of the SAEs' losses, LossOut of [S] leaves)`,
     the per-device work under shard_map and vmapped over the SAEs a device holds."""
     k_max = max(cfg.sae_ks())
+    axes = Axes(DATA, MODEL)
 
-    def one_sae(p, fixed, x, dead, hp, scale, layer):
-        return sae_loss(cfg.sae, {**p, **fixed}, x[layer] * scale, dead, hp, k_max, Axes(DATA, MODEL))
+    def one_sae(loss_fn, p, fixed, x, dead, hp, scale, layer, *pre):
+        return loss_fn(cfg.sae, {**p, **fixed}, x[layer] * scale, dead, hp, k_max, axes, *pre)
 
-    per_device = jax.vmap(one_sae, in_axes=(0, 0, None, 0, 0, 0, 0))
+    dense = jax.vmap(partial(one_sae, sae_loss), in_axes=(0, 0, None, 0, 0, 0, 0))
+    sparse = jax.vmap(partial(one_sae, sparse_sae_loss), in_axes=(0, 0, None, 0, 0, 0, 0, 0))
+
+    def sparse_or_dense(p, fixed, x, dead, hp, scale, layer):
+        """jumprelu: the sparse loss unless some SAE of this device has more entries near or above its
+        thresholds than the sparse codes hold (early in training); one branch runs, not both."""
+        pre = jax.vmap(lambda p, f, s, i: sae.pre_activations({**p, **f}, x[i] * s))(p, fixed, scale, layer)
+        pre = jax.lax.stop_gradient(pre)
+        over = jax.vmap(lambda p, f, pre: jumprelu_overflows(cfg.sae, {**p, **f}, pre))(p, fixed, pre)
+        over = jax.lax.psum(jnp.any(over).astype(jnp.int32), (DATA, MODEL)) > 0
+        args = (p, fixed, x, dead, hp, scale, layer)
+        return jax.lax.cond(over, lambda: dense(*args), lambda: sparse(*args, pre))
+
+    def sparse_only(*args):
+        return sparse(*args, None)
+
+    if not use_sparse_kernels(cfg, mesh):
+        per_device = dense
+    else:
+        per_device = sparse_or_dense if cfg.sae.architecture == "jumprelu" else sparse_only
     out_specs = (P(SAE), LossOut(P(SAE, MODEL), P(SAE), P(SAE)))
 
     def loss(p, fixed, x, dead, hp, scale, layer):
@@ -142,9 +175,30 @@ def sharded_loss(cfg: RunConfig, mesh: Mesh):
     return loss
 
 
+def finite_per_sae(loss: jax.Array, grads: dict) -> jax.Array:
+    """Bool [S]: SAE s's loss [S] and every gradient value of it are finite."""
+    ok = jnp.isfinite(loss)
+    for g in grads.values():
+        ok &= jnp.all(jnp.isfinite(g), axis=tuple(range(1, g.ndim)))
+    return ok
+
+
+def keep_where_finite(ok: jax.Array, new: TrainState, old: TrainState) -> TrainState:
+    """`new` for the SAEs whose update is finite (`ok` [S] bool); for the others `old` unchanged but for
+    the step count, which advances (the batch is consumed either way). Elementwise selects, fused into
+    the update: the check costs no host sync (the loop reads `nonfinite` one step behind)."""
+
+    def pick(n: jax.Array, o: jax.Array) -> jax.Array:
+        return jnp.where(ok.reshape(ok.shape + (1,) * (n.ndim - 1)), n, o)
+
+    return jax.tree.map(pick, new, old)._replace(step=new.step)
+
+
 def make_train_step(cfg: RunConfig, mesh: Mesh, state: TrainState):
     """The jitted step `(state, x [L, B, d_in] raw, ks [S] int32) -> (state, metrics of [S] leaves)`;
-    `state` (arrays or ShapeDtypeStructs) gives the structure for the shardings. Donates `state`."""
+    `state` (arrays or ShapeDtypeStructs) gives the structure for the shardings. Donates `state`.
+    An SAE whose loss or gradient is not finite keeps its state (see `keep_where_finite`); its
+    `metrics["nonfinite"]` is True."""
     opt = make_optimizer(cfg.train)
     loss = sharded_loss(cfg, mesh)
 
@@ -164,10 +218,12 @@ def make_train_step(cfg: RunConfig, mesh: Mesh, state: TrainState):
             new_params["threshold"] = update(new_params["threshold"], out.smallest_kept, state.step)
         fired = out.fire_count > 0
         tokens = jnp.minimum(state.tokens_since_fired + x.shape[1], _TOKENS_CAP)
+        ok = finite_per_sae(out.metrics["loss"], grads)
         metrics = dict(
             out.metrics,
             dead_fraction=jnp.mean(dead, axis=-1),
             lr=jax.vmap(partial(learning_rate, cfg.train))(state.step),
+            nonfinite=~ok,
         )
         new_state = TrainState(
             params=new_params,
@@ -178,7 +234,7 @@ def make_train_step(cfg: RunConfig, mesh: Mesh, state: TrainState):
             input_scale=state.input_scale,
             layer=state.layer,
         )
-        return new_state, metrics
+        return keep_where_finite(ok, new_state, state), metrics
 
     shardings = state_shardings(state, mesh)
     return jax.jit(

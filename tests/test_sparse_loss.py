@@ -29,8 +29,9 @@ def backend(request, monkeypatch):
     return request.param
 
 
-def _problem(arch: str, seed: int = 0, b: int = 32, d: int = 16, f: int = 64, ties: bool = False):
-    cfg = SAEConfig(d_in=d, d_sae=f, architecture=arch, k=4)
+def _problem(arch: str, seed: int = 0, b: int = 32, d: int = 16, f: int = 64, ties: bool = False,
+             mode: str = "l0"):
+    cfg = SAEConfig(d_in=d, d_sae=f, architecture=arch, k=4, sparsity_mode=mode, jumprelu_bandwidth=0.5)
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.normal(size=(b, d)).astype(np.float32))
     params = sae.init(cfg, jax.random.key(seed), x)
@@ -39,8 +40,10 @@ def _problem(arch: str, seed: int = 0, b: int = 32, d: int = 16, f: int = 64, ti
         params["W_enc"] = params["W_enc"].at[:, 1].set(params["W_enc"][:, 0])
         params["b_enc"] = params["b_enc"].at[1].set(params["b_enc"][0])
         x = x.at[1].set(x[0])  # and across rows
+    if arch == "jumprelu":  # thresholds around the pre-activations' upper tail: some active, some in the band
+        params["log_threshold"] = jnp.log(jnp.asarray(rng.uniform(0.6, 1.6, f).astype(np.float32)))
     dead = jnp.asarray(rng.random(f) < 0.25)
-    hp = LossHParams(jnp.int32(4), jnp.float32(0.0), jnp.float32(1 / 32))
+    hp = LossHParams(jnp.int32(4), jnp.float32(0.3), jnp.float32(1 / 32))
     return cfg, params, x, dead, hp
 
 
@@ -55,13 +58,16 @@ def _close(a, b, what):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5, err_msg=what)
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-@pytest.mark.parametrize("ties", [False, True])
-def test_sparse_loss_equals_dense(backend, arch, ties):
-    cfg, params, x, dead, hp = _problem(arch, ties=ties)
+@pytest.mark.parametrize(
+    "arch,ties,mode",
+    [("topk", False, "l0"), ("topk", True, "l0"), ("batchtopk", False, "l0"), ("batchtopk", True, "l0"),
+     ("jumprelu", False, "l0"), ("jumprelu", False, "tanh")],
+)
+def test_sparse_loss_equals_dense(backend, arch, ties, mode):
+    cfg, params, x, dead, hp = _problem(arch, ties=ties, mode=mode)
     (loss_d, out_d), grad_d = jax.jit(lambda p: _value_and_grad(sae_loss, cfg, p, x, dead, hp))(params)
     (loss_s, out_s), grad_s = jax.jit(lambda p: _value_and_grad(sparse_sae_loss, cfg, p, x, dead, hp))(params)
-    assert float(out_d.metrics["aux_loss"]) > 0  # aux-k really ran
+    assert float(out_d.metrics["aux_loss" if arch != "jumprelu" else "sparsity_loss"]) > 0  # not vacuous
     _close(loss_s, loss_d, "loss")
     np.testing.assert_array_equal(out_s.fire_count, out_d.fire_count)
     _close(out_s.smallest_kept, out_d.smallest_kept, "smallest kept")
@@ -72,7 +78,7 @@ def test_sparse_loss_equals_dense(backend, arch, ties):
             _close(grad_s[key], grad_d[key], f"d{key}")
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
 def test_sparse_loss_equals_dense_with_the_batch_split(backend, arch):
     """Under shard_map over 4 data shards, with ties across shards: the global BatchTopK still keeps
     exactly k·B codes, and the gradients equal the unsharded dense ones."""
@@ -96,9 +102,9 @@ def test_sparse_loss_equals_dense_with_the_batch_split(backend, arch):
             _close(grad_s[key], grad_d[key], f"d{key}")
 
 
-def _run(kernels_mode: str, arch: str, data: int):
+def _run(kernels_mode: str, arch: str, data: int, d_sae: int = 64, theta: float = 1.0):
     cfg = RunConfig(
-        sae=SAEConfig(d_in=16, d_sae=64, architecture=arch, k=4),
+        sae=SAEConfig(d_in=16, d_sae=d_sae, architecture=arch, k=4, jumprelu_init_threshold=theta),
         train=TrainConfig(steps=4, batch_size=32, lr=1e-2, warmup_steps=1, seeds=(0, 1), ks=(3, 4),
                           dead_tokens=8, kernels=kernels_mode, progress=False),
         mesh=MeshConfig(sae=2, data=data, model=1),
@@ -115,7 +121,7 @@ def _run(kernels_mode: str, arch: str, data: int):
     return jax.device_get(state), jax.device_get(metrics)
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
 def test_train_steps_with_sparse_kernels_equal_dense(backend, arch):
     """Four steps of two SAEs (k 3 and 4) on a (sae 2, data 2) mesh, aux-k active after step 1."""
     sparse_state, sparse_m = _run("sparse", arch, data=2)
@@ -128,8 +134,22 @@ def test_train_steps_with_sparse_kernels_equal_dense(backend, arch):
     _close(sparse_m["aux_loss"], dense_m["aux_loss"], "aux loss")
 
 
+def test_jumprelu_falls_back_to_dense_when_its_codes_do_not_fit():
+    """θ near 0 and 512 latents: about 256 entries per row above θ − ε/2, more than the sparse codes'
+    room (128 per row): the step takes the dense branch, and still equals the dense step."""
+    from jaxsae.sparse_loss import jumprelu_overflows
+
+    cfg, params, x, _, _ = _problem("jumprelu", f=512)
+    params["log_threshold"] = jnp.full(512, np.log(0.01), jnp.float32)
+    assert bool(jumprelu_overflows(cfg, params, sae.pre_activations(params, x)))
+    sparse_state, _ = _run("sparse", "jumprelu", data=2, d_sae=512, theta=0.01)
+    dense_state, _ = _run("dense", "jumprelu", data=2, d_sae=512, theta=0.01)
+    for key in dense_state.params:
+        _close(sparse_state.params[key], dense_state.params[key], key)
+
+
 def test_sparse_kernels_are_refused_where_they_do_not_apply():
-    cfg = RunConfig(sae=SAEConfig(d_in=16, d_sae=64, architecture="jumprelu"),
+    cfg = RunConfig(sae=SAEConfig(d_in=16, d_sae=64, architecture="relu"),
                     train=TrainConfig(kernels="sparse"))
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
     with pytest.raises(ConfigError, match="train.kernels"):

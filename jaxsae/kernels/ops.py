@@ -24,7 +24,9 @@ def _exclusive_cumsum(x: jax.Array) -> jax.Array:
 
 def _call(name: str, *args, **static):
     """The backend's kernel `name` applied to (*args, **static), its results typed as varying like its
-    array inputs (custom calls inside shard_map carry no device-variance type of their own)."""
+    array inputs (custom calls inside shard_map carry no device-variance type of their own). Kernels
+    are not differentiable: selections are constants of the loss, and the products have custom VJPs."""
+    args = tuple(lax.stop_gradient(a) if isinstance(a, jax.Array) else a for a in args)
     out = kernel(name)(*args, **static)
     arrays = [a for a in args if isinstance(a, jax.Array)]
     return jax.tree.map(lambda o: vary_like(o, *arrays), out)
@@ -100,6 +102,21 @@ def select_topk(acts: jax.Array, k: jax.Array | int, k_max: int, mask: jax.Array
     mask = jnp.ones(acts.shape[1], bool) if mask is None else mask
     idx = _call("topk_rows", acts, k, mask, k_max)
     return jnp.arange(acts.shape[0], dtype=jnp.int32), idx
+
+
+def count_above(acts: jax.Array, thr: jax.Array) -> jax.Array:
+    """[b] int32: per row, the entries of acts [b, F] above thr [F]."""
+    return _call("row_counts", acts, thr)[0]
+
+
+def select_above(acts: jax.Array, thr: jax.Array, size: int, n_chunks: int):
+    """Chunked ELL (row [n_chunks], idx [n_chunks, size]) of the entries with acts [b, F] > thr [F]; the
+    caller makes sure they fit (see jaxsae.sparse_loss.jumprelu_overflows); rows that do not fit lose
+    their last entries."""
+    n_above = count_above(acts, thr)
+    n_row_chunks = (n_above + size - 1) // size
+    quota = jnp.zeros_like(n_above)
+    return _call("compact", acts, thr, quota, _exclusive_cumsum(n_row_chunks), n_chunks, size)
 
 
 def select_batchtopk(acts: jax.Array, k: jax.Array | int, k_max: int, data: str | None = None):
