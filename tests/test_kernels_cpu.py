@@ -115,6 +115,16 @@ def test_topk_rows_large_rows():
         np.testing.assert_array_equal(cpu.topk_rows(acts, k, mask, k), R["topk_rows"](acts, k, mask, k))
 
 
+def test_topk_rows_with_few_allowed_latents():
+    """aux-k's mask allows a few dead latents: the kernel visits only those (a different code path)."""
+    rng = np.random.default_rng(5)
+    acts = np.round(rng.standard_normal((9, 2048)) * 16).astype(np.float32) / 16  # ties
+    for n_allowed, k in ((40, 12), (100, 64), (1, 3), (0, 4)):
+        mask = np.zeros(2048, bool)
+        mask[rng.choice(2048, n_allowed, replace=False)] = True
+        np.testing.assert_array_equal(cpu.topk_rows(acts, k, mask, 64), R["topk_rows"](acts, k, mask, 64))
+
+
 def test_positive_histogram():
     rng = np.random.default_rng(4)
     acts = (rng.standard_normal((33, 97)) * np.exp(rng.uniform(-8, 8, (33, 97)))).astype(np.float32)

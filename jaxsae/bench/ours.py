@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 from jaxsae.bench import inputs, timing
 from jaxsae.bench.options import BenchOptions, parse_mesh
 from jaxsae.config import RunConfig, SAEConfig, TrainConfig
-from jaxsae.sae import estimate_input_scale
+from jaxsae.sae import estimate_input_scale, pre_activations
 from jaxsae.selection import DATA, MODEL, SAE
 from jaxsae.sharding import BATCH, make_mesh, named, state_shardings
 from jaxsae.step import TrainState, init_states, make_train_step
@@ -56,6 +56,24 @@ def mark_dead(state: TrainState, dead: np.ndarray, dead_tokens: int, mesh) -> Tr
     return jax.jit(mark, out_shardings=shardings, donate_argnums=0)(state)
 
 
+def calibrate_jumprelu(state: TrainState, x: jax.Array, k: int, mesh) -> TrainState:
+    """JumpReLU thresholds at the (1 − k/F) quantile of each latent's pre-activations on the batch: L0 ≈ k,
+    the sparsity of a trained SAE, rather than the ~F/6 of a fresh one (whose codes the sparse step would
+    not hold: it falls back to dense then, see jaxsae.sparse_loss)."""
+
+    def calibrate(state: TrainState) -> TrainState:
+        def one(params, scale, layer):
+            pre = pre_activations(params, x[layer].astype(jnp.float32) * scale)
+            theta = jnp.quantile(pre, 1 - k / pre.shape[1], axis=0)
+            return jnp.log(jnp.maximum(theta, 1e-3))
+
+        log_t = jax.vmap(one)(state.params, state.input_scale, state.layer)
+        return state._replace(params=dict(state.params, log_threshold=log_t))
+
+    shardings = state_shardings(state, mesh)
+    return jax.jit(calibrate, out_shardings=shardings, donate_argnums=0)(state)
+
+
 def state_bytes(state: TrainState) -> dict[str, int]:
     """Bytes of the parameters and of the optimiser state (global, over all devices)."""
     return {
@@ -74,6 +92,8 @@ def setup(opts: BenchOptions):
     x = jax.device_put(jnp.asarray(rows[None], dtype), named(mesh, BATCH))
     dead = inputs.dead_latents(opts.d_sae, opts.dead_fraction)
     state = mark_dead(state, dead, cfg.train.dead_tokens, mesh)
+    if opts.architecture == "jumprelu":
+        state = calibrate_jumprelu(state, x, opts.k, mesh)
     ks = jax.device_put(jnp.asarray(cfg.sae_ks(), jnp.int32), named(mesh, P(SAE)))
     return cfg, mesh, state, x, ks
 

@@ -393,6 +393,26 @@ void TopkRow(const float* __restrict a, const uint8_t* __restrict mask, int64_t 
   std::fill(out + n, out + size, -1);
 }
 
+// One row when few latents are allowed (aux-k's dead latents): visit only `ids` instead of all F.
+void TopkRowFew(const float* __restrict a, const int64_t* ids, int64_t n_ids, int64_t k, int64_t size,
+                uint64_t* __restrict cand, int32_t* __restrict out) {
+  int64_t n = 0;
+  for (int64_t q = 0; q < n_ids; ++q) {
+    const int64_t f = ids[q];
+    uint32_t b;
+    std::memcpy(&b, a + f, 4);
+    cand[n] = Key(b, f);
+    n += a[f] > 0.0f;
+  }
+  if (n > k) {
+    std::nth_element(cand, cand + (k - 1), cand + n, std::greater<uint64_t>());
+    n = k;
+  }
+  for (int64_t q = 0; q < n; ++q) out[q] = (int32_t)(0xFFFFFFFFu - (uint32_t)cand[q]);
+  std::sort(out, out + n);
+  std::fill(out + n, out + size, -1);
+}
+
 void TopkRows(const float* acts, const bool* mask, int64_t k, int32_t* out, int64_t R, int64_t F,
               int64_t size) {
   k = std::clamp<int64_t>(k, 0, std::min(size, F));
@@ -401,7 +421,21 @@ void TopkRows(const float* acts, const bool* mask, int64_t k, int32_t* out, int6
     return;
   }
   const uint8_t* mk = reinterpret_cast<const uint8_t*>(mask);
+  std::vector<int64_t> ids;
+  for (int64_t f = 0; f < F; ++f)
+    if (mk[f]) ids.push_back(f);
   const FpMode fp;
+  if ((int64_t)ids.size() * 16 < F) {  // a few allowed latents: random reads beat a scan of the row
+#pragma omp parallel
+    {
+      FpScope scope(fp);
+      std::vector<uint64_t> cand(ids.size() + 1);
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < R; ++r)
+        TopkRowFew(acts + r * F, ids.data(), (int64_t)ids.size(), k, size, cand.data(), out + r * size);
+    }
+    return;
+  }
 #pragma omp parallel
   {
     FpScope scope(fp);
