@@ -5,6 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=${JAXSAE_EXTRAS:-torch,dev,peers}
+# Headless Chromium + chromedriver for the report's browser test (tests/test_report.py): Debian packages.
+case ",$extras," in *,dev,*)
+  { command -v chromium && command -v chromedriver; } >/dev/null || {
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      chromium chromium-driver >/dev/null
+  } || echo "could not install chromium: tests/test_report.py's browser test will be skipped" >&2 ;;
+esac
 want=$( (cat pyproject.toml scripts/setup.sh; echo "$extras") | sha256sum | cut -c1-16)
 stamp=.venv/.jaxsae-setup
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi

@@ -73,11 +73,16 @@ def _feature_extractor():
 
 def log_mel_10ms(wave_16k: np.ndarray) -> np.ndarray:
     """Whisper's normalised log-mel of one clip, float32 [n_mel_frames, 80], 10 ms hop, the 30 s padding
-    cut off: n_mel_frames = ceil(n / 160) (at most 3000). Clips longer than 30 s are truncated."""
-    feats = _feature_extractor()(
-        [np.asarray(wave_16k, np.float32)], sampling_rate=SAMPLE_RATE, return_tensors="np"
-    )
+    cut off: n_mel_frames = ceil(n / 160) (at most 3000). Clips longer than 30 s are truncated.
+
+    Computed on the clip plus 50 ms of zeros instead of the full 30 s: every kept frame sees the same
+    samples (the padding is zeros either way), and the normalisation (clamp at the maximum − 8) is set by
+    the clip, since padding only adds the floor value; so the frames equal the model input's, 10x faster.
+    """
     n = min(-(-len(wave_16k) // MEL_HOP), 3000)
+    padded = np.concatenate([np.asarray(wave_16k, np.float32)[: 3000 * MEL_HOP], np.zeros(800, np.float32)])
+    fe = _feature_extractor()
+    feats = fe([padded], sampling_rate=SAMPLE_RATE, padding="longest", return_tensors="np")
     return np.ascontiguousarray(feats.input_features[0][:, :n].T, np.float32)
 
 

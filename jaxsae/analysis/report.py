@@ -112,8 +112,12 @@ def _compact(f: Mapping) -> dict:
         out["fr"] = _num(f["firing_rate"])
     if f.get("domain_shares"):
         out["ds"] = {str(k): _num(v, 3) for k, v in f["domain_shares"].items()}
+    if f.get("specialised"):
+        out["sp"] = str(f["specialised"])
     if f.get("top_labels"):
         out["tl"] = _labels(f["top_labels"])
+    if f.get("fisher"):
+        out["fi"] = [_record(r) for r in list(f["fisher"])[:MAX_LIST] if isinstance(r, Mapping)]
     if f.get("top_frames"):
         out["tf"] = [_record(r) for r in list(f["top_frames"])[:MAX_LIST]]
     if f.get("top_clips"):
@@ -147,7 +151,7 @@ def _make_media(out, sae, feats, compact, corpus_dir, rows, max_features, per_fe
         items = []
         for j, tf in enumerate(_distinct_clips(feats[i].get("top_frames") or [], per_feature)):
             row = resolve_clip(rows, tf.get("clip"))
-            if row is None:
+            if row is None or tf.get("frame") is None:
                 continue
             stem = f"media/{folder}/f{int(feats[i]['id'])}_{j}"
             try:
@@ -221,6 +225,8 @@ def render_value(value: Any, depth: int = 0) -> str:
         return f"<p>{_cell(list(value))}</p>"
     if not isinstance(value, Mapping):
         return f"<p>{_cell(value)}</p>"
+    if _is_histogram(value):
+        return _histogram_svg(value)
     if all(_scalar(v) for v in value.values()):
         return _table([{"key": k, "value": v} for k, v in value.items()])
     if all(isinstance(v, Mapping) and all(_scalar(x) for x in v.values()) for v in value.values()):
@@ -235,6 +241,20 @@ def render_value(value: Any, depth: int = 0) -> str:
 
 
 # -------------------------------------------------------------------------------------- HTML: plots
+def _is_histogram(value: Mapping) -> bool:
+    """{"edges": [n + 1 numbers], "counts": [n numbers], ...}: a histogram (e.g. log10 firing rates)."""
+    edges, counts = value.get("edges"), value.get("counts")
+    return isinstance(edges, Sequence) and isinstance(counts, Sequence) and len(edges) == len(counts) + 1
+
+
+def _histogram_svg(value: Mapping) -> str:
+    labels = [f"{float(e):g}" for e in value["edges"][:-1]]
+    counts = [float(c) for c in value["counts"]]
+    if "dead" in value:
+        labels, counts = ["dead", *labels], [float(value["dead"]), *counts]
+    return svg_bars(labels, counts, "histogram (bins from their left edge)", width=max(420, 22 * len(counts)))
+
+
 def svg_bars(
     labels: Sequence[str], values: Sequence[float], title: str, width: int = 420, height: int = 180
 ) -> str:
@@ -319,7 +339,13 @@ def _steering_plot(steering: Any) -> str:
         rows = [r for r in s["sweep"] if isinstance(r, Mapping) and "strength" in r]
         keys = [
             k
-            for k in ("nonspeech_nonempty", "nonspeech_nonempty_gated", "speech_wer")
+            for k in (
+                "nonspeech_nonempty",
+                "nonspeech_nonempty_gated",
+                "nonspeech_nonempty_eot_allowed",
+                "speech_wer",
+                "speech_wer_capped",
+            )
             if rows and k in rows[0]
         ]
         if rows and keys:
@@ -397,7 +423,7 @@ const DATA = JSON.parse(document.getElementById('data').textContent);
 const INDEX = [];
 for (const [sae, feats] of Object.entries(DATA)) {
   for (const f of feats) {
-    const words = [sae, 'f' + f.id, String(f.id)];
+    const words = [sae, 'f' + f.id, String(f.id), f.sp || ''];
     for (const [d, v] of Object.entries(f.ds || {})) if (v >= 0.2) words.push(d);
     for (const [k, v] of Object.entries(f.tl || {})) {
       words.push(k);
@@ -465,8 +491,10 @@ function show(sae, id) {
     esc(m.clip) + ' · frame ' + m.frame + (m.act !== undefined ? ' · act ' + fmt(m.act) : '') +
     '</figcaption><audio controls preload="metadata" src="' + esc(m.wav) + '"></audio></figure>'
   ).join('') + '</div>';
+  if (f.sp) h += '<p>specialised: <b>' + esc(f.sp) + '</b></p>';
   if (f.ds) h += '<h4>Domain shares</h4>' + bars(f.ds);
   if (f.tl) h += '<h4>Top labels</h4>' + labels(f.tl);
+  if (f.fi) h += '<h4>Fisher scores</h4>' + table(f.fi);
   if (f.mm) h += '<h4>Mean mel profile</h4>' + melSvg(f.mm);
   if (f.tf) h += '<h4>Top frames</h4>' + table(f.tf);
   if (f.tc) h += '<h4>Top clips</h4>' + table(f.tc);
