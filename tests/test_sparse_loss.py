@@ -1,6 +1,7 @@
 """The sparse loss (jaxsae.sparse_loss) equals the dense one (jaxsae.losses) in value, metrics and
 gradients, on one device and with the batch split over devices; and a training step with sparse kernels
-equals one with dense ones. Runs with every kernel backend available here (reference always)."""
+equals one with dense ones. The loss comparisons run with every kernel backend available here (the
+reference always); the sharded and training-step ones with the default backend (C++ on the CPU)."""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def test_sparse_loss_equals_dense(backend, arch, ties, mode):
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
-def test_sparse_loss_equals_dense_with_the_batch_split(backend, arch):
+def test_sparse_loss_equals_dense_with_the_batch_split(arch):
     """Under shard_map over 4 data shards, with ties across shards: the global BatchTopK still keeps
     exactly k·B codes, and the gradients equal the unsharded dense ones."""
     cfg, params, x, dead, hp = _problem(arch, ties=True)
@@ -122,7 +123,7 @@ def _run(kernels_mode: str, arch: str, data: int, d_sae: int = 64, theta: float 
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
-def test_train_steps_with_sparse_kernels_equal_dense(backend, arch):
+def test_train_steps_with_sparse_kernels_equal_dense(arch):
     """Four steps of two SAEs (k 3 and 4) on a (sae 2, data 2) mesh, aux-k active after step 1."""
     sparse_state, sparse_m = _run("sparse", arch, data=2)
     dense_state, dense_m = _run("dense", arch, data=2)
