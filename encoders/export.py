@@ -10,13 +10,16 @@ How rows reach a store, and why:
   2. A group's clips are loaded (the next group's in a background thread), bucketed by length into
      batches the model allows, run once with hooks on every wanted layer, and trimmed of padding.
   3. Its rows are shuffled with an RNG seeded by (seed, group index) - the same permutation for every
-     layer, so row i of each layer's store is the same frame unless a non-finite row was dropped - and
-     appended with the group's clip records and clips_done in one atomic store commit.
+     layer, and a frame non-finite in any layer is dropped from all of them, so row i of each layer's
+     store is the same frame - and appended with the group's clip records and clips_done in one atomic
+     store commit.
 A resumed run (same command after a kill at any moment) recomputes the plan, checks it against the one
 saved in each store, skips the groups a store has committed and redoes the one in flight: the finished
 stores equal those of an uninterrupted run, row for row. Bad files are recorded in each store's failures
 (before the group's commit; a redo does not repeat them) and the run goes on; non-finite rows are dropped
-and counted in their clip's record ("nonfinite_rows").
+and counted in their clip's record ("nonfinite_rows") and in ExportResult.nonfinite_rows. Each store is
+locked for the run (a second export into it stops with LockError); a full disk stops it with a StoreError
+naming the store, its committed rows intact (free space and re-run to resume).
 """
 
 from __future__ import annotations
@@ -160,10 +163,10 @@ class _Sink:
             self.failed.add((path, reason))
             self.failed_paths.add(path)
 
-    def commit(self, g: _GroupRows, perm: np.ndarray) -> None:
-        """Appends the group's rows in `perm` order, non-finite ones dropped and counted per clip."""
+    def commit(self, g: _GroupRows, perm: np.ndarray, ok: np.ndarray) -> None:
+        """Appends the group's rows in `perm` order, those not `ok` (bool [R] in `perm` order: finite in
+        every layer) dropped and counted per clip."""
         acts, clip, frame = g.acts[self.layer][perm], g.clip[perm], g.frame[perm]
-        ok = finite_rows(acts)
         bad = dict(zip(*np.unique(clip[~ok], return_counts=True), strict=True))
         records = {cid: {**rec, "nonfinite_rows": int(bad.get(cid, 0))} for cid, rec in g.records.items()}
         self.store.append(acts[ok], clip[ok], frame[ok], clips_done=list(g.records), clip_records=records)
@@ -175,7 +178,7 @@ def _open_sinks(enc: Encoder, layers: list[str], out: Path, dtype: str, durable:
     another model's / layer's store."""
     if (out / MANIFEST).exists():
         raise StoreError(f"{out} is itself an activation store; --out takes a folder for one store per layer")
-    sinks = []
+    sinks: list[_Sink] = []
     for ly in layers:
         meta = StoreMeta(
             encoder=enc.name,
@@ -348,13 +351,14 @@ def _commit_group(sinks: list[_Sink], g: int, clips: list[Clip], rows: _GroupRow
     """Shuffles group g's rows with the RNG of (seed, g) and commits them to each store that lacks them;
     failures go first, so a kill between the two leaves the group unfinished (redone, not duplicated)."""
     perm = np.random.default_rng([seed, g]).permutation(len(rows.clip))
+    ok = np.logical_and.reduce([finite_rows(a) for a in rows.acts.values()])[perm]  # layers stay aligned
     for sink in sinks:
         if sink.has(clips):
             continue
         for path, reason in rows.failures:
             sink.fail(path, reason)
         if rows.records:
-            sink.commit(rows, perm)
+            sink.commit(rows, perm, ok)
 
 
 # ------------------------------------------------------------------------------------------ progress
@@ -405,8 +409,29 @@ def export_activations(
     clips = read_clips(audio)
     enc = model if isinstance(model, Encoder) else load_encoder(model, device)
     names = enc.parse_layers(layers)
-    sinks = _open_sinks(enc, names, Path(out), dtype, durable)
-    groups = [[clips[i] for i in g] for g in _plan(enc, clips, shuffle_buffer_rows, seed, sinks, progress)]
+    sinks: list[_Sink] = []
+    try:  # the stores stay locked until the end, even when an error stops the run
+        sinks = _open_sinks(enc, names, Path(out), dtype, durable)
+        plan = _plan(enc, clips, shuffle_buffer_rows, seed, sinks, progress)
+        groups = [[clips[i] for i in g] for g in plan]
+        frames = _export_groups(enc, names, clips, groups, sinks, batch_size, seed, progress)
+        return _result(sinks, len(clips), frames, time.perf_counter() - t0)
+    finally:
+        for s in sinks:
+            s.store.close()
+
+
+def _export_groups(
+    enc: Encoder,
+    names: list[str],
+    clips: list[Clip],
+    groups: list[list[Clip]],
+    sinks: list[_Sink],
+    batch_size: int,
+    seed: int,
+    progress: bool,
+) -> int:
+    """Runs and commits every group some store lacks; returns the frames computed."""
     todo = [g for g in range(len(groups)) if not all(s.has(groups[g]) for s in sinks)]
     done = len(clips) - sum(len(groups[g]) for g in todo)
     bar = _Progress(len(clips), done, progress)
@@ -422,7 +447,7 @@ def export_activations(
                 _commit_group(sinks, g, groups[g], rows, seed)
     finally:
         bar.close()
-    return _result(sinks, len(clips), bar.frames, time.perf_counter() - t0)
+    return bar.frames
 
 
 def _plan(

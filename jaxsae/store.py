@@ -8,16 +8,22 @@ Layout of a store directory:
 
 Rows are appended at the end; the manifest is replaced atomically only after the rows are on disk, so a
 crash leaves a manifest that describes complete data. Rows past `rows_written` (from an append that
-never committed) are ignored and overwritten. One writer per store; any number of readers.
+never committed) are ignored and overwritten. One writer per store, enforced by a lock file (`.lock`,
+see jaxsae.lock) held while a writable handle is open; any number of readers. A failed write (a full
+disk) raises StoreError naming the store and leaves the committed rows as they were.
 numpy, ml_dtypes, tensorstore and the standard library only (no torch, no jax).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +31,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import tensorstore as ts
+
+from jaxsae import lock
 
 STORE_VERSION = 1
 CHUNK_ROWS = 1024
@@ -37,6 +45,7 @@ DTYPES = {
 _ARRAYS = ("acts", "clip", "frame")
 _INT32 = np.iinfo(np.int32)
 _EXPONENT_BITS = {DTYPES["bfloat16"]: 0x7F80, DTYPES["float16"]: 0x7C00}
+_WRITER = "store writer"  # names the lock holder in LockError messages
 
 
 class StoreError(ValueError):
@@ -100,12 +109,16 @@ def meta_differences(stored: StoreMeta, given: StoreMeta) -> list[str]:
 def _write_json_atomic(path: Path, obj: dict[str, Any], durable: bool) -> None:
     """Writes `obj` to a temp file beside `path`, fsyncs it, renames it over `path`, fsyncs the folder."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        if durable:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temp file behind
+        raise
     if durable:
         fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -215,6 +228,7 @@ class ActivationStore:
         self.durable = durable
         self._m = manifest
         self.meta = StoreMeta.from_json(manifest)
+        self._lease = None if read_only else lock.acquire(path, _WRITER)
         self._ctx = _context(durable)
         self._arrays = {n: _open_array(path, n, self._ctx, read_only) for n in _ARRAYS}
         self._check_arrays()
@@ -275,6 +289,12 @@ class ActivationStore:
         """Blocks of `block_rows` rows covering num_rows (the last one may be short)."""
         return math.ceil(self.num_rows / block_rows)
 
+    def close(self) -> None:
+        """Gives back the writer's lock (reads still work; further writes are refused)."""
+        if self._lease is not None:
+            self._lease.release()
+        self.read_only = True
+
     def refresh(self) -> None:
         """Re-reads the manifest and re-opens the arrays (a reader following a live writer)."""
         self.__init__(self.path, _read_manifest(self.path), read_only=self.read_only, durable=self.durable)
@@ -322,8 +342,21 @@ class ActivationStore:
     # --- writing
 
     def _commit(self, manifest: dict[str, Any]) -> None:
-        _write_json_atomic(self.path / MANIFEST, manifest, self.durable)
+        with self._io("commit the manifest"):
+            _write_json_atomic(self.path / MANIFEST, manifest, self.durable)
         self._m = manifest
+
+    @contextlib.contextmanager
+    def _io(self, what: str) -> Iterator[None]:
+        """Turns a failed write (OSError, or tensorstore's ValueError: a full disk, a lost mount) into
+        one StoreError line naming the store; nothing committed is touched."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except (OSError, ValueError) as e:
+            committed = f"the {self.num_rows} rows committed before are intact"
+            raise StoreError(f"{self.path}: cannot {what} ({_reason(e)}); {committed}") from None
 
     def _writable(self, what: str) -> None:
         if self.read_only:
@@ -382,7 +415,8 @@ class ActivationStore:
         self._writable("append")
         arrays = self._validate_rows(acts, clip, frame)
         manifest = self._updated_manifest(len(arrays[0]), list(clips_done), clip_records or {})
-        self._write_rows(self.num_rows, arrays)
+        with self._io(f"write rows {self.num_rows}..{self.num_rows + len(arrays[0])}"):
+            self._write_rows(self.num_rows, arrays)
         self._commit(manifest)
 
     def _updated_manifest(
@@ -422,13 +456,25 @@ class ActivationStore:
         """Shrinks the arrays to num_rows, deleting rows of appends that never committed."""
         self._writable("trim")
         n = self.num_rows
-        futs = {
-            k: a.resize(exclusive_max=[n] + [None] * (a.rank - 1), shrink_only=True)
-            for k, a in self._arrays.items()
-            if a.shape[0] > n
-        }
-        for k, f in futs.items():
-            self._arrays[k] = f.result()
+        with self._io("trim uncommitted rows"):
+            futs = {
+                k: a.resize(exclusive_max=[n] + [None] * (a.rank - 1), shrink_only=True)
+                for k, a in self._arrays.items()
+                if a.shape[0] > n
+            }
+            for k, f in futs.items():
+                self._arrays[k] = f.result()
+
+
+def _reason(e: BaseException) -> str:
+    """Why a write failed, on one line: "No space left on device: <file>" for a full disk (an OSError, or
+    tensorstore's RESOURCE_EXHAUSTED error), else the error's text (at most 300 characters)."""
+    text = " ".join(str(e).split())
+    if getattr(e, "errno", None) == errno.ENOSPC or "os_error_code='28'" in text:
+        found = re.search(r'writing local file "([^"]+)"', text)
+        file = getattr(e, "filename", None) or (found.group(1) if found else None)
+        return f"No space left on device: {file}" if file else "No space left on device"
+    return text[:300]
 
 
 def _clip_id(path: Path, c: Any) -> int:
@@ -470,7 +516,8 @@ def create_store(
 ) -> ActivationStore:
     """A new empty store at `path`, or the existing one there if its meta equals `meta` (resume).
 
-    StoreError if `path` holds a store of another meta or format version. `compression`: None or
+    StoreError if `path` holds a store of another meta or format version; LockError if another
+    process is writing it. `compression`: None or
     "zstd" (smaller, 2-3x slower reads). `durable=False` skips fsync: writes survive a killed process
     but not a power cut, for 2-4x faster appends.
     """
@@ -478,7 +525,17 @@ def create_store(
     if (path / MANIFEST).exists():
         return open_store(path, meta=meta, durable=durable)
     _codecs(compression)  # validates before anything is created
-    path.mkdir(parents=True, exist_ok=True)
+    with lock.acquire(path, _WRITER):  # creates the folder; a second creator stops here
+        if (path / MANIFEST).exists():  # another process created it meanwhile
+            return open_store(path, meta=meta, durable=durable)
+        try:
+            _create_arrays(path, meta, compression, durable)
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{path}: cannot create the store ({_reason(e)})") from None
+        return ActivationStore(path, _read_manifest(path), read_only=False, durable=durable)
+
+
+def _create_arrays(path: Path, meta: StoreMeta, compression: str | None, durable: bool) -> None:
     ctx = _context(durable)
     futs = [
         ts.open(_array_spec(path, n, meta, compression), create=True, delete_existing=True, context=ctx)
@@ -488,7 +545,6 @@ def create_store(
         f.result()
     manifest = _new_manifest(meta, compression)
     _write_json_atomic(path / MANIFEST, manifest, durable)  # last: a store without it does not exist
-    return ActivationStore(path, manifest, read_only=False, durable=durable)
 
 
 def open_store(
@@ -497,7 +553,8 @@ def open_store(
     """The existing store at `path`; appends continue at rows_written, overwriting any rows past it.
 
     StoreError if the manifest is missing or corrupt, its format version differs, or (when `meta` is
-    given) it holds a store of another meta. A writable open trims uncommitted rows from the arrays.
+    given) it holds a store of another meta. A writable open takes the writer's lock (LockError if
+    another process holds it) and trims uncommitted rows from the arrays.
     """
     path = Path(path)
     manifest = _read_manifest(path)

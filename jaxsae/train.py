@@ -1,13 +1,21 @@
 """The training loop: grain batches -> jitted sharded step -> progress bar, JSONL metrics, checkpoints.
 
 Run folder: `config.yaml`, `metrics.jsonl` (one record per SAE per log step), `checkpoints/<step>/`
-(train state, loader state, config and metadata).
+(train state, loader state, config and metadata), `.lock` (one trainer per run folder, see jaxsae.lock).
+
+Faults: a non-finite loss or gradient never reaches the saved state (the step keeps that SAE's state);
+the run stops with TrainingError naming the step, the batch and the last good checkpoint, or, with
+`train.skip_nonfinite`, goes on and counts the skipped batches (`skipped_batches` in the metrics). A resumed
+run drops the metrics records written after its checkpoint, so each step is logged once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jaxsae import checkpoint
+from jaxsae import checkpoint, lock
 from jaxsae.config import ConfigError, RunConfig, save_config
 from jaxsae.data import Source, load_source, sample_rows
 from jaxsae.loader import batch_dataset, batch_iterator
@@ -31,7 +39,8 @@ RATE_BINS = np.arange(-8.0, 0.5, 1.0)
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss); the message names the step and the last checkpoint."""
+    """Training cannot go on (a non-finite loss, a failed write); one line naming the step or file and
+    the last good checkpoint."""
 
 
 @dataclass
@@ -46,7 +55,19 @@ def train(cfg: RunConfig, source: Source | None = None, *, resume: bool = False)
     source = source or load_source(cfg.data, cfg.sae.d_in)
     cfg = _with_layers(cfg, source)
     out = Path(cfg.train.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        # process 0 holds the run folder's lock; the other processes of a multi-process run share it
+        with lock.acquire(out, "trainer") if jax.process_index() == 0 else contextlib.nullcontext():
+            return _train(cfg, source, out, resume)
+    except OSError as e:  # a full disk, a lost mount or no permission, writing config or metrics
+        steps = checkpoint.complete_steps(out / "checkpoints")
+        last = f"step {steps[-1]}" if steps else "none"
+        raise TrainingError(
+            f"{e.filename or out}: {e.strerror or e} (training stopped); last complete checkpoint: {last}"
+        ) from None
+
+
+def _train(cfg: RunConfig, source: Source, out: Path, resume: bool) -> TrainResult:
     save_config(cfg, out / "config.yaml")
     mesh = make_mesh(cfg.mesh)
     check_divisible(cfg, mesh, len(source.layers))
@@ -58,19 +79,56 @@ def train(cfg: RunConfig, source: Source | None = None, *, resume: bool = False)
     state = init_states(cfg, np.stack(samples), scales, mesh)
     batches = batch_iterator(_dataset(cfg, source))
     mgr = checkpoint.manager(out / "checkpoints")
+    skipped = [0] * int(state.step.shape[0])
     try:
-        if resume and mgr.latest_step() is not None:
-            state = checkpoint.restore(mgr, state, batches)
-        state, last = _loop(cfg, mesh, source, state, batches, mgr, out / "metrics.jsonl")
+        if resume:
+            state, skipped = _resume(cfg, mgr, state, batches, skipped, out / "metrics.jsonl")
+        state, last = _loop(cfg, mesh, source, state, batches, mgr, out / "metrics.jsonl", skipped)
         if int(np.asarray(state.step)[0]) != mgr.latest_step():
-            _save(mgr, state, cfg, batches)
-    finally:
-        mgr.wait_until_finished()
-        mgr.close()
+            _save(mgr, state, cfg, batches, skipped)
+    except BaseException:
+        with contextlib.suppress(Exception):  # let the saves in flight land, without hiding the error
+            mgr.wait_until_finished()
+        with contextlib.suppress(Exception):  # and stop orbax's threads before the process exits
+            mgr.close()
+        raise
+    checkpoint.finish(mgr)
+    mgr.close()
     found = None
     if source.atoms is not None:
         found = [atoms_recovered(source.atoms, np.asarray(w)) for w in state.params["W_dec"]]
     return TrainResult(state, last, found)
+
+
+def _resume(cfg: RunConfig, mgr, state: TrainState, batches, skipped: list[int], metrics_path: Path):
+    """The state and skipped-batch counts of the latest checkpoint (after checking it fits this run),
+    with the loader put back where it was; metrics records past it are dropped."""
+    step = mgr.latest_step()
+    if step is not None:
+        meta = checkpoint.check_resumable(mgr, step, cfg, state)
+        state = checkpoint.restore(mgr, state, batches, step)
+        skipped = list(meta.get("skipped_batches", skipped))
+    if jax.process_index() == 0:
+        trim_metrics(metrics_path, step or 0)
+    return state, skipped
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keeps the records of `path` up to `step`: those past it (logged after the checkpoint a resumed run
+    restarts from) and a line torn by a kill would otherwise appear twice or break the file."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("step", 0) <= step:
+            keep.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
 
 
 def _where(source: Source, layer_name: str) -> str:
@@ -109,9 +167,10 @@ def check_divisible(cfg: RunConfig, mesh, n_layers: int) -> None:
         raise ConfigError(f"train.batch_size must be divisible by the {jax.process_count()} processes")
 
 
-def _save(mgr, state: TrainState, cfg: RunConfig, batches) -> None:
+def _save(mgr, state: TrainState, cfg: RunConfig, batches, skipped: list[int]) -> None:
     step = int(np.asarray(state.step)[0])
-    checkpoint.save(mgr, state, cfg, batches, {"tokens_seen": step * cfg.train.batch_size})
+    extra = {"tokens_seen": step * cfg.train.batch_size, "skipped_batches": [int(n) for n in skipped]}
+    checkpoint.save(mgr, state, cfg, batches, extra)
 
 
 def _global_batch(mesh, local: np.ndarray, batch_size: int) -> jax.Array:
@@ -120,13 +179,46 @@ def _global_batch(mesh, local: np.ndarray, batch_size: int) -> jax.Array:
     return jax.make_array_from_process_local_data(named(mesh, BATCH), local, shape)
 
 
-def _loop(cfg: RunConfig, mesh, source: Source, state: TrainState, batches, mgr, metrics_path):
+class _NonFiniteWatch:
+    """Reads each step's `nonfinite` flags [S] once the step is done (the loop keeps one step in flight,
+    so this waits for nothing) and stops the run, or counts the skipped batch per SAE in `skipped`."""
+
+    def __init__(self, cfg: RunConfig, grid, names: list[str], mgr, skipped: list[int], start: int):
+        self.cfg, self.grid, self.names, self.mgr = cfg, grid, names, mgr
+        self.skipped, self.checked = skipped, start
+
+    def check(self, metrics: dict | None, step: int) -> None:
+        """`metrics` of update number `step` (1-based; it read loader batch step - 1)."""
+        if metrics is None or step <= self.checked:
+            return
+        self.checked = step
+        bad = np.asarray(jax.device_get(metrics["nonfinite"])).reshape(-1)
+        if not bad.any():
+            return
+        if not self.cfg.train.skip_nonfinite:
+            raise TrainingError(self._message(np.flatnonzero(bad), step))
+        for i in np.flatnonzero(bad):
+            self.skipped[i] += 1
+
+    def _message(self, bad: np.ndarray, step: int) -> str:
+        which = ", ".join(f"SAE {i} ({self.names[i]}, seed {self.grid[i][1]})" for i in bad)
+        last = self.mgr.latest_step()
+        good = f"step {last} ({Path(self.mgr.directory) / str(last)})" if last is not None else "none yet"
+        return (
+            f"non-finite loss at step {step} in {which}, on loader batch {step - 1} "
+            f"(data.seed {self.cfg.data.seed}); the update was not applied; last good checkpoint: {good}; "
+            "resume with --resume, or set --train.skip_nonfinite=true to skip such batches"
+        )
+
+
+def _loop(cfg: RunConfig, mesh, source: Source, state: TrainState, batches, mgr, metrics_path, skipped):
     tc = cfg.train
     grid = cfg.sae_grid(len(source.layers))
     step_fn = make_train_step(cfg, mesh, state)
     ks = jnp.asarray([k for _, _, k in grid], jnp.int32)
     names = [source.layer_names[layer] for layer, _, _ in grid]
     start = int(np.asarray(state.step)[0])
+    watch = _NonFiniteWatch(cfg, grid, names, mgr, skipped, start)
     last: list[dict] = []
     bar = tqdm(total=tc.steps, initial=start, unit="step", disable=not tc.progress, dynamic_ncols=True)
     t0, window_start, fire_since = time.perf_counter(), start, start
@@ -136,6 +228,7 @@ def _loop(cfg: RunConfig, mesh, source: Source, state: TrainState, batches, mgr,
             previous = metrics
             state, metrics = step_fn(state, _global_batch(mesh, next(batches), tc.batch_size), ks)
             jax.block_until_ready(previous)  # at most one step in flight: an honest bar, bounded memory
+            watch.check(previous, step)
             bar.update(1)
             done = step + 1
             if step == start:  # time from here: the first step includes compilation
@@ -144,19 +237,21 @@ def _loop(cfg: RunConfig, mesh, source: Source, state: TrainState, batches, mgr,
             if done % tc.log_every and done != tc.steps:
                 continue
             jax.block_until_ready(state)
+            watch.check(metrics, done)
             elapsed = time.perf_counter() - t0
             tokens_per_s = (done - window_start) * tc.batch_size / elapsed if done > window_start else 0.0
             last = _records(
                 cfg, grid, names, state, metrics, done, tokens_per_s, (done - fire_since) * tc.batch_size
             )
-            _check_finite_loss(last, done, mgr)
-            log.writelines(json.dumps(rec) + "\n" for rec in last)
+            for rec, n in zip(last, skipped, strict=True):
+                rec["skipped_batches"] = n
+            log.writelines(json.dumps(_json_safe(rec)) + "\n" for rec in last)
             log.flush()
             bar.set_postfix_str(_postfix(last, tokens_per_s))
             zeros = jnp.zeros(state.fire_count.shape, state.fire_count.dtype)
             state = state._replace(fire_count=jax.device_put(zeros, state.fire_count.sharding))
             if tc.checkpoint_every and done % tc.checkpoint_every == 0:
-                _save(mgr, state, cfg, batches)
+                _save(mgr, state, cfg, batches, skipped)
             t0, window_start, fire_since = time.perf_counter(), done, done
     return state, last
 
@@ -170,7 +265,7 @@ def _records(
     records = []
     for i, ((_, seed, k), name) in enumerate(zip(grid, names, strict=True)):
         rec = {"step": step, "sae": i, "layer": name, "seed": seed, "k": k, "tokens_per_s": tokens_per_s}
-        rec.update({key: float(v[i]) for key, v in metrics.items()})
+        rec.update({key: float(v[i]) for key, v in metrics.items() if key != "nonfinite"})
         rec["firing_rate_hist"] = firing_rate_histogram(fire_count[i], fire_tokens)
         records.append(rec)
     return records
@@ -184,12 +279,9 @@ def firing_rate_histogram(fire_count: np.ndarray, tokens: int) -> dict:
     return {"never": int((~fired).sum()), "bins": RATE_BINS.tolist(), "counts": counts.tolist()}
 
 
-def _check_finite_loss(records: list[dict], step: int, mgr) -> None:
-    for rec in records:
-        if not np.isfinite(rec["loss"]):
-            last = mgr.latest_step()
-            where = f"checkpoint at step {last}" if last is not None else "no checkpoint yet"
-            raise TrainingError(f"non-finite loss at step {step} (SAE {rec['sae']}); last good: {where}")
+def _json_safe(rec: dict) -> dict:
+    """Non-finite floats (the metrics of a skipped batch) as null: metrics.jsonl stays strict JSON."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()}
 
 
 def _postfix(records: list[dict], tokens_per_s: float) -> str:

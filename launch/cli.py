@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import typing
 
 # Command modules, in the order their commands appear in --help.
 COMMAND_MODULES = (
@@ -14,6 +15,8 @@ COMMAND_MODULES = (
     "launch.cmd_export_activations",
     "launch.cmd_train",
     "launch.cmd_export",
+    "launch.cmd_analyze",
+    "launch.cmd_bench",
 )
 
 # Errors that are the user's input, not our bug: one line, exit code 2.
@@ -27,7 +30,20 @@ _USER_ERRORS = (
     "EncoderError",
     "CorpusError",
     "TrainingError",
+    "AnalysisError",
+    "LockError",
+    "BenchError",
 )
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (`jaxsae: error: ...`, exit code 2), not
+    usage plus message; sub-command parsers inherit it."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        where = self.prog.removeprefix("jaxsae").strip()
+        print(f"jaxsae: error: {where + ': ' if where else ''}{' '.join(message.split())}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="jaxsae", description="Sparse autoencoders on audio activations, in JAX."
     )
     sub = parser.add_subparsers(title="commands")
