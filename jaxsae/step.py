@@ -194,6 +194,29 @@ def keep_where_finite(ok: jax.Array, new: TrainState, old: TrainState) -> TrainS
     return jax.tree.map(pick, new, old)._replace(step=new.step)
 
 
+def _apply_update(cfg: RunConfig, opt, state: TrainState, grads: dict, out: LossOut, rows: int) -> TrainState:
+    """The state after one Adam step on `grads` (decoder gradients projected, decoder rows renormalised),
+    with batchtopk's threshold and the firing statistics of `out` (`rows` tokens per SAE) updated."""
+    params = trainable(state.params)
+    grads = dict(grads, W_dec=project_out_parallel(params["W_dec"], grads["W_dec"]))
+    updates, opt_state = jax.vmap(opt.update)(grads, state.opt_state, params)
+    new_params = {**optax.apply_updates(params, updates), **frozen(state.params)}
+    new_params["W_dec"] = sae.unit_rows(new_params["W_dec"])
+    if "threshold" in new_params:
+        update = jax.vmap(partial(update_threshold, cfg.sae))
+        new_params["threshold"] = update(new_params["threshold"], out.smallest_kept, state.step)
+    tokens = jnp.minimum(state.tokens_since_fired + rows, _TOKENS_CAP)
+    return TrainState(
+        params=new_params,
+        opt_state=opt_state,
+        tokens_since_fired=jnp.where(out.fire_count > 0, 0, tokens),
+        fire_count=state.fire_count + out.fire_count,
+        step=state.step + 1,
+        input_scale=state.input_scale,
+        layer=state.layer,
+    )
+
+
 def make_train_step(cfg: RunConfig, mesh: Mesh, state: TrainState):
     """The jitted step `(state, x [L, B, d_in] raw, ks [S] int32) -> (state, metrics of [S] leaves)`;
     `state` (arrays or ShapeDtypeStructs) gives the structure for the shardings. Donates `state`.
@@ -209,15 +232,6 @@ def make_train_step(cfg: RunConfig, mesh: Mesh, state: TrainState):
         grads, out = jax.grad(loss, has_aux=True)(
             params, frozen(state.params), x, dead, hp, state.input_scale, state.layer
         )
-        grads["W_dec"] = project_out_parallel(params["W_dec"], grads["W_dec"])
-        updates, opt_state = jax.vmap(opt.update)(grads, state.opt_state, params)
-        new_params = {**optax.apply_updates(params, updates), **frozen(state.params)}
-        new_params["W_dec"] = sae.unit_rows(new_params["W_dec"])
-        if "threshold" in new_params:
-            update = jax.vmap(partial(update_threshold, cfg.sae))
-            new_params["threshold"] = update(new_params["threshold"], out.smallest_kept, state.step)
-        fired = out.fire_count > 0
-        tokens = jnp.minimum(state.tokens_since_fired + x.shape[1], _TOKENS_CAP)
         ok = finite_per_sae(out.metrics["loss"], grads)
         metrics = dict(
             out.metrics,
@@ -225,16 +239,15 @@ def make_train_step(cfg: RunConfig, mesh: Mesh, state: TrainState):
             lr=jax.vmap(partial(learning_rate, cfg.train))(state.step),
             nonfinite=~ok,
         )
-        new_state = TrainState(
-            params=new_params,
-            opt_state=opt_state,
-            tokens_since_fired=jnp.where(fired, 0, tokens),
-            fire_count=state.fire_count + out.fire_count,
-            step=state.step + 1,
-            input_scale=state.input_scale,
-            layer=state.layer,
-        )
-        return keep_where_finite(ok, new_state, state), metrics
+
+        def apply(state: TrainState) -> TrainState:
+            return _apply_update(cfg, opt, state, grads, out, x.shape[1])
+
+        def apply_where_finite(state: TrainState) -> TrainState:
+            return keep_where_finite(ok, apply(state), state)
+
+        # The select against the old state costs a pass over it: only when some update is not finite.
+        return jax.lax.cond(jnp.all(ok), apply, apply_where_finite, state), metrics
 
     shardings = state_shardings(state, mesh)
     return jax.jit(
