@@ -66,8 +66,8 @@ class Settings:
     top_clips: int = 5
     fisher_top: int = 10
     steer_top_n: int = 32  # latents in the steering vector
-    steer_clips: int = 24  # non-speech and speech clips (each) in the steering sweep
-    splice_clips: int = 48  # speech clips Whisper transcribes per condition of the splice study
+    steer_clips: int = 20  # non-speech and speech clips (each) in the steering sweep
+    splice_clips: int = 24  # speech clips Whisper transcribes per condition of the splice study
 
 
 @dataclass
@@ -552,7 +552,9 @@ def model_side_figures(inp: Inputs, codes: dict, s: Settings) -> dict:
     speech = _pick(
         inp.corpus_rows, lambda r: r.get("domain") == "speech" and r.get("text"), s.splice_clips, s.seed
     )
-    splice = reconstruction_cost(model, fe, inp.entries, speech, inp.corpus_dir, tokenizer=tok)
+    splice = reconstruction_cost(
+        model, fe, inp.entries, speech, inp.corpus_dir, tokenizer=tok, baselines=("mean",)
+    )
     return {"splice": splice, "steering": _steering(model, fe, tok, inp, codes, s)}
 
 
@@ -566,13 +568,16 @@ def _steering(model, fe, tok, inp: Inputs, codes: dict, s: Settings) -> dict:
     rate = next(iter(inp.stores.values())).meta.frame_rate
     groups = frame_groups(t.clips, t.clip, t.frame, rate)
     x = codes[e.name]
+    rows = inp.corpus_rows
+    nonspeech = _pick(rows, lambda r: r.get("domain") != "speech", s.steer_clips, s.seed)
+    speech = _pick(rows, lambda r: r.get("domain") == "speech" and r.get("text"), s.steer_clips, s.seed)
+    # The vector comes from the frames of the other clips: the sweep's clips are held out.
+    held_out = {str(r["id"]) for r in nonspeech + speech}
+    groups = np.where(np.isin(t.clip_id.astype(str), list(held_out)), "held_out", groups)
     if not ((groups == "speech").any() and (groups == "non_speech").any()):
         return {"skipped": "the analysed rows need both speech and non-speech frames"}
     mean = {g: np.asarray(x[np.nonzero(groups == g)[0]].mean(0)).ravel() for g in ("non_speech", "speech")}
     vector = steering_vector(e, mean["non_speech"], mean["speech"], s.steer_top_n)
-    rows = inp.corpus_rows
-    nonspeech = _pick(rows, lambda r: r.get("domain") != "speech", s.steer_clips, s.seed)
-    speech = _pick(rows, lambda r: r.get("domain") == "speech" and r.get("text"), s.steer_clips, s.seed)
     out = steering_sweep(model, fe, tok, e.layer, vector, nonspeech, speech, corpus_dir=inp.corpus_dir)
     return {"sae": e.name, "top_n": s.steer_top_n, **out}
 
