@@ -8,6 +8,7 @@
   backward        (loss and gradient) − forward
   optimizer       gradient projection + Adam + unit-norm decoder rows (as in make_train_step)
 The first three run on one SAE, unsharded, on the first device; the last three on the mesh, like the step.
+When the step uses sparse kernels (jaxsae.sparse_loss), selection and decode are the sparse ones.
 
 To time another implementation of a piece, pass `pieces={"selection": my_piece, ...}`: a piece is a
 function `Ctx -> (jitted function, args)`; a "backward" piece, when given, is timed directly instead
@@ -24,9 +25,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxsae import sae
+from jaxsae import sae, sparse_loss
 from jaxsae.bench import timing
 from jaxsae.config import RunConfig
+from jaxsae.kernels import ops
 from jaxsae.selection import topk_mask
 from jaxsae.step import (
     TrainState,
@@ -36,6 +38,7 @@ from jaxsae.step import (
     project_out_parallel,
     sharded_loss,
     trainable,
+    use_sparse_kernels,
 )
 
 
@@ -126,6 +129,40 @@ def optimizer(ctx: Ctx) -> tuple[Callable, tuple]:
     return jax.jit(update), (grads, ctx.state.opt_state, params)
 
 
+def _sparse_select(cfg: RunConfig, params: dict, pre: jax.Array, dead: jax.Array, k: int):
+    """The sparse step's selections (jaxsae.sparse_loss): the codes' (row, idx) and aux-k's (or None)."""
+    arch, b = cfg.sae.architecture, pre.shape[0]
+    if arch == "topk":
+        main = ops.select_topk(pre, k, k)
+    elif arch == "batchtopk":
+        main = ops.select_batchtopk(pre, k, k)[:2]
+    else:
+        floor, chunks = sparse_loss._band_floor(cfg.sae, params), sparse_loss._jumprelu_chunks(cfg.sae, b)
+        main = ops.select_above(pre, floor, sparse_loss.JUMPRELU_CHUNK, chunks)
+    if arch == "jumprelu":
+        return main, None
+    k_aux = min(params["W_dec"].shape[1] // 2, pre.shape[1])
+    return main, ops.select_topk(pre, k_aux, k_aux, mask=dead)
+
+
+def sparse_selection(ctx: Ctx) -> tuple[Callable, tuple]:
+    return jax.jit(partial(_sparse_select, ctx.cfg, k=ctx.k)), (ctx.params, ctx.pre, ctx.dead)
+
+
+def sparse_decode(ctx: Ctx) -> tuple[Callable, tuple]:
+    """The sparse decode of the codes and of aux-k's dead latents (chunked ELL, jaxsae.kernels)."""
+    sel = jax.jit(partial(_sparse_select, ctx.cfg, k=ctx.k))(ctx.params, ctx.pre, ctx.dead)
+
+    def dec(params, pre, sel):
+        outs = []
+        for row, idx in (s for s in sel if s is not None):
+            vals = jnp.where(idx >= 0, jax.nn.relu(pre[row[:, None], jnp.maximum(idx, 0)]), 0.0)
+            outs.append(ops.decode(row, idx, vals, params["W_dec"], pre.shape[0]))
+        return outs
+
+    return jax.jit(dec), (ctx.params, ctx.pre, sel)
+
+
 PIECES: dict[str, Piece] = {
     "encoder_matmul": encoder_matmul,
     "selection": selection,
@@ -167,7 +204,8 @@ def breakdown(
     pieces: dict[str, Piece] | None = None,
 ) -> dict[str, float]:
     """Seconds of each part of the step (see the module docstring); `pieces` replaces some of PIECES."""
-    pieces = {**PIECES, **(pieces or {})}
+    sparse = {"selection": sparse_selection, "decode": sparse_decode} if use_sparse_kernels(cfg, mesh) else {}
+    pieces = {**PIECES, **sparse, **(pieces or {})}
     ctx = make_ctx(cfg, mesh, state, x, ks)
     measured = {name: time_piece(piece, ctx, steps) for name, piece in pieces.items()}
     if "backward" not in measured:
