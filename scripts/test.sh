@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
-exec .venv/bin/pytest "$@"
+# Two workers, one file each at a time: much of the suite is single-threaded (compiles, process starts).
+exec .venv/bin/pytest -n 2 --dist loadfile "$@"
