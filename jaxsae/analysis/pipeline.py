@@ -569,8 +569,11 @@ def _steering(model, fe, tok, inp: Inputs, codes: dict, s: Settings) -> dict:
     groups = frame_groups(t.clips, t.clip, t.frame, rate)
     x = codes[e.name]
     rows = inp.corpus_rows
-    nonspeech = _pick(rows, lambda r: r.get("domain") != "speech", s.steer_clips, s.seed)
-    speech = _pick(rows, lambda r: r.get("domain") == "speech" and r.get("text"), s.steer_clips, s.seed)
+    is_speech = lambda r: r.get("domain") == "speech" and r.get("text")  # noqa: E731
+    n_speech = sum(bool(is_speech(r)) for r in rows)
+    n = min(s.steer_clips, n_speech // 2, (len(rows) - n_speech) // 2)  # at most half of each held out
+    nonspeech = _pick(rows, lambda r: r.get("domain") != "speech", n, s.seed)
+    speech = _pick(rows, is_speech, n, s.seed)
     # The vector comes from the frames of the other clips: the sweep's clips are held out.
     held_out = {str(r["id"]) for r in nonspeech + speech}
     groups = np.where(np.isin(t.clip_id.astype(str), list(held_out)), "held_out", groups)
