@@ -479,3 +479,32 @@ def test_an_imported_sae_takes_the_store_layer(tmp_path):
     assert _place([entry], two, 5)[0].name == "layer_5_seed_0"
     with pytest.raises(AnalysisError, match="pass --layer"):
         _place([entry], two, None)
+
+
+def test_an_sae_imported_from_dictionary_learning_gets_every_analysis(tiny_run, tmp_path, monkeypatch):
+    """AudioSAE publishes dictionary_learning folders: exported there, imported back (`jaxsae import`),
+    then `jaxsae analyze --layer 4`: every analysis has its figures, and the reconstruction equals the
+    original SAE's on the same rows."""
+    from jaxsae.analysis import media
+    from jaxsae.export import export_checkpoint, import_to_checkpoint
+    from launch import cli
+
+    monkeypatch.setattr(media, "log_mel_10ms", lambda w: np.zeros((-(-len(w) // 160), 80)))
+    run, store_dir, _ = tiny_run
+    folder = export_checkpoint(run, "dictionary-learning", tmp_path / "dl")[2]  # layer 4, seed 0
+    imported = import_to_checkpoint(folder, tmp_path / "imported")
+    out = tmp_path / "out"
+    argv = ["analyze", str(imported), "--store", str(store_dir), "--out", str(out), "--no-model"]
+    assert cli.main([*argv, "--layer", "4"]) == 0
+    figures = json.loads((out / "figures.json").read_text())
+    (row,) = figures["reconstruction"]["table"]
+    name = row["sae"]
+    assert name.startswith("layer_4") and row["layer"] == "layer_4"
+    for section in ("domains", "fisher", "probing", "disentanglement", "readout", "unlearning"):
+        assert figures[section].get(name), section
+    assert json.loads((out / "features.json").read_text())[name]
+    original = cli.main(["analyze", str(run), "--store", str(store_dir), "--out", str(tmp_path / "o2"),
+                         "--no-model"])  # fmt: skip
+    assert original == 0
+    want = json.loads((tmp_path / "o2" / "figures.json").read_text())["reconstruction"]["table"][2]
+    assert row["fve"] == pytest.approx(want["fve"], abs=1e-4) and row["l0"] == pytest.approx(want["l0"])

@@ -5,12 +5,14 @@ run; the resident memory of the straight run is flat (RSS after the first 100 st
 The demo store holds real Whisper activations (`jaxsae demo`, minutes to build); here a store of the same
 kind (bfloat16, 1024-row chunks, clip and frame ids) is written with the real store writer from planted rows
 (a known dictionary of 512 atoms in R^64), so the SAE has structure to learn. The full 2000-step soak is
-marked slow (`pytest -m slow tests/reliability/test_soak.py`).
+marked slow (`pytest -m slow tests/reliability/test_soak.py`); with `JAXSAE_SOAK_STORE=runs/demo/store` it
+soaks on that store (the demo's Whisper activations) instead.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +27,13 @@ D, F, ROWS = 64, 256, 64 * 1024
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    """A one-layer store folder: ROWS planted rows [ROWS, 64] as bfloat16, written in 8 appends."""
+def store(tmp_path_factory) -> tuple[Path, int]:
+    """(store folder, d_in): $JAXSAE_SOAK_STORE if set, else a one-layer folder of ROWS planted rows
+    [ROWS, 64] as bfloat16, written in 8 appends."""
+    if os.environ.get("JAXSAE_SOAK_STORE"):
+        given = Path(os.environ["JAXSAE_SOAK_STORE"])
+        meta = json.loads(next(given.glob("layer_*/manifest.json")).read_text())
+        return given, int(meta["d"])
     root = tmp_path_factory.mktemp("soak") / "store"
     rows = planted_rows(planted_dictionary(D, 512, 0), ROWS, 8, 0.01, 0)
     s = create_store(
@@ -35,12 +42,12 @@ def store(tmp_path_factory) -> Path:
     for i, part in enumerate(np.array_split(np.arange(ROWS), 8)):
         s.append(rows[part], np.full(len(part), i, np.int32), part.astype(np.int32))
     s.close()
-    return root
+    return root, D
 
 
-def soak_args(store: Path, out: Path, steps: int, every: int, *extra: str) -> list[str]:
+def soak_args(store: tuple[Path, int], out: Path, steps: int, every: int, *extra: str) -> list[str]:
     return [
-        "train", f"--data.source={store}", f"--sae.d_in={D}", f"--sae.d_sae={F}",
+        "train", f"--data.source={store[0]}", f"--sae.d_in={store[1]}", f"--sae.d_sae={F}",
         "--sae.architecture=batchtopk", "--sae.k=16", "--train.batch_size=256", f"--train.steps={steps}",
         "--train.log_every=50", f"--train.checkpoint_every={every}", "--train.lr=1e-3", "--mesh.data=1",
         "--train.progress=false", "--train.dead_tokens=100000",
