@@ -80,7 +80,8 @@ def test_learning_rate_schedule():
     np.testing.assert_allclose(lrs[80:], (100 - np.arange(80, 100)) / 20, rtol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["batchtopk", "topk"])
+# topk's sae axis is also covered by tests/test_sparse_loss.py (2 SAEs, k 3 and 4, on a sae × data mesh)
+@pytest.mark.parametrize("arch", ["batchtopk", pytest.param("topk", marks=pytest.mark.slow)])
 def test_sae_axis_equals_each_sae_trained_alone(arch):
     """Four SAEs (seeds 0..3, k 2..5) in one vmapped step equal each trained alone, step by step."""
     cfg = RunConfig(
