@@ -37,9 +37,11 @@ def sparse_sae_loss(
     k_max: int,
     axes: Axes = ONE_DEVICE,
     pre: jax.Array | None = None,
+    band_counts: jax.Array | None = None,
 ) -> tuple[jax.Array, LossOut]:
-    """Same contract as jaxsae.losses.sae_loss; a `model` axis, if named, must have size 1. `pre`: the
-    pre-activations if already computed (jumprelu: see `jumprelu_overflows`)."""
+    """Same contract as jaxsae.losses.sae_loss; a `model` axis, if named, must have size 1. `pre` and
+    `band_counts`: the pre-activations and jumprelu's `band_counts` if already computed (the step does,
+    to choose between this loss and the dense one)."""
     if axes.model is not None and lax.axis_size(axes.model) != 1:
         raise ValueError("the sparse loss needs unsplit latents (mesh model axis of size 1)")
     b, n_latents = x.shape[0], params["W_enc"].shape[1]
@@ -51,7 +53,7 @@ def sparse_sae_loss(
     elif cfg.architecture == "batchtopk":
         row, idx, smallest = ops.select_batchtopk(pre, hp.k, k_max, axes.data)
     else:
-        row, idx = ops.select_above(pre, _band_floor(cfg, params), JUMPRELU_CHUNK, _jumprelu_chunks(cfg, b))
+        row, idx = select_jumprelu(cfg, params, pre, band_counts)
     sel = ops.selected_pre(pre, x, params["W_enc"], params["b_enc"], params["b_dec"], row, idx)
     codes, sparsity = _codes(cfg, params, sel, idx)
     x_hat = ops.decode(row, idx, codes, params["W_dec"], b) + params["b_dec"]
@@ -101,12 +103,21 @@ def _jumprelu_chunks(cfg: SAEConfig, b: int) -> int:
     return b + b * max(4 * cfg.k, 128) // JUMPRELU_CHUNK
 
 
-def jumprelu_overflows(cfg: SAEConfig, params: Params, pre: jax.Array) -> jax.Array:
-    """Whether jumprelu's entries above θ − ε/2 in pre [b, F] need more chunks than the sparse loss
-    has (then the step falls back to the dense loss)."""
-    n_above = ops.count_above(pre, _band_floor(cfg, params))
-    chunks = jnp.sum((n_above + JUMPRELU_CHUNK - 1) // JUMPRELU_CHUNK)
-    return chunks > _jumprelu_chunks(cfg, pre.shape[0])
+def band_counts(cfg: SAEConfig, params: Params, pre: jax.Array) -> jax.Array:
+    """[b] int32: per row of pre [b, F], jumprelu's entries above θ − ε/2 (the sparse codes' entries)."""
+    return ops.count_above(pre, _band_floor(cfg, params))
+
+
+def jumprelu_fits(cfg: SAEConfig, counts: jax.Array) -> jax.Array:
+    """Whether rows with `counts` [b] entries fit the sparse codes (else the step uses the dense loss)."""
+    return jnp.sum((counts + JUMPRELU_CHUNK - 1) // JUMPRELU_CHUNK) <= _jumprelu_chunks(cfg, counts.shape[0])
+
+
+def select_jumprelu(cfg: SAEConfig, params: Params, pre: jax.Array, counts: jax.Array | None = None):
+    """jumprelu's sparse codes as chunked ELL (row, idx): the entries of pre [b, F] above θ − ε/2;
+    `counts` from `band_counts` if already computed."""
+    b = pre.shape[0]
+    return ops.select_above(pre, _band_floor(cfg, params), JUMPRELU_CHUNK, _jumprelu_chunks(cfg, b), counts)
 
 
 def _pmean(axis: str | None, v: jax.Array) -> jax.Array:

@@ -24,7 +24,7 @@ from jaxsae.config import ConfigError, RunConfig, SAEConfig, TrainConfig
 from jaxsae.losses import Axes, LossHParams, LossOut, sae_loss
 from jaxsae.selection import DATA, MODEL, SAE
 from jaxsae.sharding import BATCH, named, params_specs, state_shardings
-from jaxsae.sparse_loss import jumprelu_overflows, sparse_sae_loss
+from jaxsae.sparse_loss import SPARSE_ARCHITECTURES, band_counts, jumprelu_fits, sparse_sae_loss
 
 _TOKENS_CAP = 2**30  # tokens_since_fired saturates here instead of overflowing int32
 
@@ -129,7 +129,7 @@ def use_sparse_kernels(cfg: RunConfig, mesh: Mesh) -> bool:
     ok = sparse_loss.supports(cfg.sae, mesh.shape[MODEL])
     if cfg.train.kernels == "sparse" and not ok:
         raise ConfigError(
-            f"train.kernels: sparse needs architecture topk or batchtopk and mesh.model 1 "
+            f"train.kernels: sparse needs architecture {' or '.join(SPARSE_ARCHITECTURES)} and mesh.model 1 "
             f"(got {cfg.sae.architecture}, model {mesh.shape[MODEL]})"
         )
     return ok and cfg.train.kernels != "dense"
@@ -141,24 +141,25 @@ def sharded_loss(cfg: RunConfig, mesh: Mesh):
     k_max = max(cfg.sae_ks())
     axes = Axes(DATA, MODEL)
 
-    def one_sae(loss_fn, p, fixed, x, dead, hp, scale, layer, *pre):
-        return loss_fn(cfg.sae, {**p, **fixed}, x[layer] * scale, dead, hp, k_max, axes, *pre)
+    def one_sae(loss_fn, p, fixed, x, dead, hp, scale, layer, *precomputed):
+        return loss_fn(cfg.sae, {**p, **fixed}, x[layer] * scale, dead, hp, k_max, axes, *precomputed)
 
     dense = jax.vmap(partial(one_sae, sae_loss), in_axes=(0, 0, None, 0, 0, 0, 0))
-    sparse = jax.vmap(partial(one_sae, sparse_sae_loss), in_axes=(0, 0, None, 0, 0, 0, 0, 0))
+    sparse = jax.vmap(partial(one_sae, sparse_sae_loss), in_axes=(0, 0, None, 0, 0, 0, 0, 0, 0))
 
     def sparse_or_dense(p, fixed, x, dead, hp, scale, layer):
         """jumprelu: the sparse loss unless some SAE of this device has more entries near or above its
         thresholds than the sparse codes hold (early in training); one branch runs, not both."""
         pre = jax.vmap(lambda p, f, s, i: sae.pre_activations({**p, **f}, x[i] * s))(p, fixed, scale, layer)
         pre = jax.lax.stop_gradient(pre)
-        over = jax.vmap(lambda p, f, pre: jumprelu_overflows(cfg.sae, {**p, **f}, pre))(p, fixed, pre)
-        over = jax.lax.psum(jnp.any(over).astype(jnp.int32), (DATA, MODEL)) > 0
+        counts = jax.vmap(lambda p, f, pre: band_counts(cfg.sae, {**p, **f}, pre))(p, fixed, pre)
+        fits = jax.vmap(partial(jumprelu_fits, cfg.sae))(counts)
+        over = jax.lax.psum(jnp.any(~fits).astype(jnp.int32), (DATA, MODEL)) > 0
         args = (p, fixed, x, dead, hp, scale, layer)
-        return jax.lax.cond(over, lambda: dense(*args), lambda: sparse(*args, pre))
+        return jax.lax.cond(over, lambda: dense(*args), lambda: sparse(*args, pre, counts))
 
     def sparse_only(*args):
-        return sparse(*args, None)
+        return sparse(*args, None, None)
 
     if not use_sparse_kernels(cfg, mesh):
         per_device = dense
@@ -185,8 +186,9 @@ def finite_per_sae(loss: jax.Array, grads: dict) -> jax.Array:
 
 def keep_where_finite(ok: jax.Array, new: TrainState, old: TrainState) -> TrainState:
     """`new` for the SAEs whose update is finite (`ok` [S] bool); for the others `old` unchanged but for
-    the step count, which advances (the batch is consumed either way). Elementwise selects, fused into
-    the update: the check costs no host sync (the loop reads `nonfinite` one step behind)."""
+    the step count, which advances (the batch is consumed either way). Elementwise selects; the step
+    runs them only when some update is not finite, and without a host sync (the loop reads `nonfinite`
+    one step behind)."""
 
     def pick(n: jax.Array, o: jax.Array) -> jax.Array:
         return jnp.where(ok.reshape(ok.shape + (1,) * (n.ndim - 1)), n, o)

@@ -138,11 +138,11 @@ def test_train_steps_with_sparse_kernels_equal_dense(arch):
 def test_jumprelu_falls_back_to_dense_when_its_codes_do_not_fit():
     """θ near 0 and 512 latents: about 256 entries per row above θ − ε/2, more than the sparse codes'
     room (128 per row): the step takes the dense branch, and still equals the dense step."""
-    from jaxsae.sparse_loss import jumprelu_overflows
+    from jaxsae.sparse_loss import band_counts, jumprelu_fits
 
     cfg, params, x, _, _ = _problem("jumprelu", f=512)
     params["log_threshold"] = jnp.full(512, np.log(0.01), jnp.float32)
-    assert bool(jumprelu_overflows(cfg, params, sae.pre_activations(params, x)))
+    assert not bool(jumprelu_fits(cfg, band_counts(cfg, params, sae.pre_activations(params, x))))
     sparse_state, _ = _run("sparse", "jumprelu", data=2, d_sae=512, theta=0.01)
     dense_state, _ = _run("dense", "jumprelu", data=2, d_sae=512, theta=0.01)
     for key in dense_state.params:

@@ -131,14 +131,13 @@ def optimizer(ctx: Ctx) -> tuple[Callable, tuple]:
 
 def _sparse_select(cfg: RunConfig, params: dict, pre: jax.Array, dead: jax.Array, k: int):
     """The sparse step's selections (jaxsae.sparse_loss): the codes' (row, idx) and aux-k's (or None)."""
-    arch, b = cfg.sae.architecture, pre.shape[0]
+    arch = cfg.sae.architecture
     if arch == "topk":
         main = ops.select_topk(pre, k, k)
     elif arch == "batchtopk":
         main = ops.select_batchtopk(pre, k, k)[:2]
     else:
-        floor, chunks = sparse_loss._band_floor(cfg.sae, params), sparse_loss._jumprelu_chunks(cfg.sae, b)
-        main = ops.select_above(pre, floor, sparse_loss.JUMPRELU_CHUNK, chunks)
+        main = sparse_loss.select_jumprelu(cfg.sae, params, pre)
     if arch == "jumprelu":
         return main, None
     k_aux = min(params["W_dec"].shape[1] // 2, pre.shape[1])

@@ -109,11 +109,13 @@ def count_above(acts: jax.Array, thr: jax.Array) -> jax.Array:
     return _call("row_counts", acts, thr)[0]
 
 
-def select_above(acts: jax.Array, thr: jax.Array, size: int, n_chunks: int):
-    """Chunked ELL (row [n_chunks], idx [n_chunks, size]) of the entries with acts [b, F] > thr [F]; the
-    caller makes sure they fit (see jaxsae.sparse_loss.jumprelu_overflows); rows that do not fit lose
-    their last entries."""
-    n_above = count_above(acts, thr)
+def select_above(
+    acts: jax.Array, thr: jax.Array, size: int, n_chunks: int, n_above: jax.Array | None = None
+):
+    """Chunked ELL (row [n_chunks], idx [n_chunks, size]) of the entries with acts [b, F] > thr [F]
+    (`n_above`: `count_above(acts, thr)` if already computed); the caller makes sure they fit (see
+    jaxsae.sparse_loss.jumprelu_fits); rows that do not fit lose their last entries."""
+    n_above = count_above(acts, thr) if n_above is None else n_above
     n_row_chunks = (n_above + size - 1) // size
     quota = jnp.zeros_like(n_above)
     return _call("compact", acts, thr, quota, _exclusive_cumsum(n_row_chunks), n_chunks, size)
