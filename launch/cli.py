@@ -42,8 +42,15 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:
         where = self.prog.removeprefix("jaxsae").strip()
-        print(f"jaxsae: error: {where + ': ' if where else ''}{' '.join(message.split())}", file=sys.stderr)
+        print(f"jaxsae: error: {where + ': ' if where else ''}{one_line(message)}", file=sys.stderr)
         sys.exit(2)
+
+
+def one_line(message: str) -> str:
+    """`message` on one line: unprintable characters (a form feed in a file name, say) escaped, so that
+    a user's input cannot split the error line, then runs of whitespace made one space."""
+    text = "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in message)
+    return " ".join(text.split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         if type(e).__name__ in _USER_ERRORS:
-            print(f"jaxsae: error: {e}", file=sys.stderr)
+            print(f"jaxsae: error: {one_line(str(e))}", file=sys.stderr)
             return 2
         raise
 
