@@ -8,6 +8,7 @@ dense fallback when they do not fit); latents must not be split (model axis of s
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ from jaxsae.activations import heaviside, jumprelu
 from jaxsae.config import SAEConfig
 from jaxsae.kernels import ops
 from jaxsae.losses import ONE_DEVICE, Axes, LossHParams, LossOut, reconstruction_metrics, total_variance
-from jaxsae.sae import Params, pre_activations
+from jaxsae.sae import Params
 from jaxsae.selection import psum
 
 SPARSE_ARCHITECTURES = ("topk", "batchtopk", "jumprelu")
@@ -28,6 +29,63 @@ def supports(cfg: SAEConfig, model_axis_size: int) -> bool:
     return cfg.architecture in SPARSE_ARCHITECTURES and model_axis_size == 1
 
 
+class Selection(NamedTuple):
+    """The sparse codes of one SAE on its rows, chosen before the loss (constants of it): chunked ELL
+    (row [C], idx [C, K]) with the pre-activations at the slots (pre [C, K]), the same for aux-k's dead
+    latents (topk, batchtopk; empty for jumprelu), batchtopk's smallest kept value, and `exact`: False
+    when the codes of these rows may differ from the dense loss's (jumprelu's when they do not fit; the
+    step combines it over the data shards and computes the dense loss instead when some shard is not
+    exact)."""
+
+    row: jax.Array
+    idx: jax.Array
+    pre: jax.Array
+    aux_row: jax.Array
+    aux_idx: jax.Array
+    aux_pre: jax.Array
+    smallest: jax.Array
+    exact: jax.Array
+
+
+def select(
+    cfg: SAEConfig, params: Params, x: jax.Array, dead: jax.Array, hp: LossHParams, k_max: int,
+    axes: Axes = ONE_DEVICE,
+) -> Selection:
+    """The sparse codes of rows x [b, d] (input-scaled). topk runs the encoder fused with its per-row
+    selections (jaxsae.kernels.ops.encode_topk: no [b, F] array on the CPU). batchtopk's threshold is
+    global: one row may hold a thousand of the batch's k·B entries (rows of large norm), so it takes
+    the [b, F] pre-activations (the kernels' encoder) and the exact two-level radix select. jumprelu
+    keeps the entries above θ − ε/2."""
+    params = jax.tree.map(lax.stop_gradient, params)
+    b, n_latents = x.shape[0], params["W_enc"].shape[1]
+    xc = x - params["b_dec"]
+    w_enc, b_enc = params["W_enc"], params["b_enc"]
+    k_aux = min(x.shape[-1] // 2, n_latents)
+    rows = jnp.arange(b, dtype=jnp.int32)
+    if cfg.architecture == "topk":
+        idx, pre, aux_idx, aux_pre = ops.encode_topk(
+            xc, w_enc, b_enc, hp.k, jnp.ones(n_latents, bool), k_max, k_aux, dead, k_aux
+        )
+        return Selection(rows, idx, pre, rows, aux_idx, aux_pre, jnp.zeros((), pre.dtype), jnp.asarray(True))
+    pre = ops.encode(xc, w_enc, b_enc)
+    if cfg.architecture == "jumprelu":
+        counts = band_counts(cfg, params, pre)
+        row, idx = select_jumprelu(cfg, params, pre, counts)
+        none = jnp.zeros((b, 0), jnp.int32)
+        return Selection(row, idx, _at(pre, row, idx), rows, none, none.astype(pre.dtype),
+                         jnp.zeros((), pre.dtype), jumprelu_fits(cfg, counts))
+    row, idx, smallest = ops.select_batchtopk(pre, hp.k, k_max, axes.data)
+    _, aux_idx = ops.select_topk(pre, k_aux, k_aux, mask=dead)
+    return Selection(row, idx, _at(pre, row, idx), rows, aux_idx, _at(pre, rows, aux_idx), smallest,
+                     jnp.asarray(True))
+
+
+def _at(a: jax.Array, row: jax.Array, slot: jax.Array) -> jax.Array:
+    """a[row[c], slot[c, j]] for a [b, n], 0 where slot is -1."""
+    got = a[row[:, None], jnp.maximum(slot, 0)]
+    return jnp.where(slot >= 0, got, jnp.zeros((), a.dtype))
+
+
 def sparse_sae_loss(
     cfg: SAEConfig,
     params: Params,
@@ -36,38 +94,32 @@ def sparse_sae_loss(
     hp: LossHParams,
     k_max: int,
     axes: Axes = ONE_DEVICE,
-    pre: jax.Array | None = None,
-    band_counts: jax.Array | None = None,
+    selection: Selection | None = None,
 ) -> tuple[jax.Array, LossOut]:
-    """Same contract as jaxsae.losses.sae_loss; a `model` axis, if named, must have size 1. `pre` and
-    `band_counts`: the pre-activations and jumprelu's `band_counts` if already computed (the step does,
-    to choose between this loss and the dense one)."""
+    """Same contract as jaxsae.losses.sae_loss (where `selection.exact`); a `model` axis, if named, must
+    have size 1. `selection`: the codes from `select`, if already chosen (the step does, to decide
+    between this loss and the dense one)."""
     if axes.model is not None and lax.axis_size(axes.model) != 1:
         raise ValueError("the sparse loss needs unsplit latents (mesh model axis of size 1)")
     b, n_latents = x.shape[0], params["W_enc"].shape[1]
     n_rows = psum(b, axes.data)
-    pre = lax.stop_gradient(pre_activations(params, x) if pre is None else pre)
-    smallest = jnp.zeros((), pre.dtype)
-    if cfg.architecture == "topk":
-        row, idx = ops.select_topk(pre, hp.k, k_max)
-    elif cfg.architecture == "batchtopk":
-        row, idx, smallest = ops.select_batchtopk(pre, hp.k, k_max, axes.data)
-    else:
-        row, idx = select_jumprelu(cfg, params, pre, band_counts)
-    sel = ops.selected_pre(pre, x, params["W_enc"], params["b_enc"], params["b_dec"], row, idx)
-    codes, sparsity = _codes(cfg, params, sel, idx)
+    sel = select(cfg, params, x, dead, hp, k_max, axes) if selection is None else selection
+    row, idx = sel.row, sel.idx
+    pre = ops.selected_pre(sel.pre, x, params["W_enc"], params["b_enc"], params["b_dec"], row, idx)
+    codes, sparsity = _codes(cfg, params, pre, idx)
     x_hat = ops.decode(row, idx, codes, params["W_dec"], b) + params["b_dec"]
     err = x - x_hat
     recon = psum(jnp.sum(err**2), axes.data) / n_rows
     sparsity = hp.sparsity_coefficient * psum(sparsity, axes.data) / n_rows
     aux = jnp.zeros(())
     if cfg.architecture != "jumprelu":
-        aux = hp.aux_k_coefficient * sparse_aux_k_loss(params, pre, x, lax.stop_gradient(err), dead, axes)
+        aux = hp.aux_k_coefficient * sparse_aux_k_loss(params, sel, x, lax.stop_gradient(err), dead, axes)
     loss = recon + sparsity + aux
     fired = codes != 0
     metrics = reconstruction_metrics(x, x_hat, jnp.sum(fired, dtype=jnp.float32), axes)
     metrics.update(loss=loss, recon_loss=recon, sparsity_loss=sparsity, aux_loss=aux)
     fire_count = psum(ops.fire_count(idx, fired, n_latents), axes.data)
+    smallest = sel.smallest
     # The params are typed as varying over the (size-1) model axis; a mean over it is the identity
     # that makes the scalars model-invariant, as the dense loss's psums over `model` do.
     loss, smallest, metrics = jax.tree.map(partial(_pmean, axes.model), (loss, smallest, metrics))
@@ -124,19 +176,12 @@ def _pmean(axis: str | None, v: jax.Array) -> jax.Array:
     return lax.pmean(v, axis) if axis else v
 
 
-def _relu_values(params: Params, pre: jax.Array, x: jax.Array, row: jax.Array, idx: jax.Array) -> jax.Array:
-    """ReLU of the pre-activations at the selected slots, differentiable in the encoder's params."""
-    sel = ops.selected_pre(pre, x, params["W_enc"], params["b_enc"], params["b_dec"], row, idx)
-    return jax.nn.relu(sel)
-
-
 def sparse_aux_k_loss(
-    params: Params, pre: jax.Array, x: jax.Array, residual: jax.Array, dead: jax.Array, axes: Axes
+    params: Params, sel: Selection, x: jax.Array, residual: jax.Array, dead: jax.Array, axes: Axes
 ) -> jax.Array:
-    """jaxsae.losses.aux_k_loss with the k_aux largest dead latents of each row as sparse codes."""
-    k_aux = min(residual.shape[-1] // 2, pre.shape[1])
-    row, idx = ops.select_topk(pre, k_aux, k_aux, mask=dead)
-    aux_hat = ops.decode(row, idx, _relu_values(params, pre, x, row, idx), params["W_dec"], x.shape[0])
+    """jaxsae.losses.aux_k_loss with the k_aux largest dead latents of each row (`sel`'s aux codes)."""
+    row, idx = sel.aux_row, sel.aux_idx
+    pre = ops.selected_pre(sel.aux_pre, x, params["W_enc"], params["b_enc"], params["b_dec"], row, idx)
+    aux_hat = ops.decode(row, idx, jax.nn.relu(pre), params["W_dec"], x.shape[0])
     loss = psum(jnp.sum((residual - aux_hat) ** 2), axes.data) / total_variance(residual, axes)
     return jnp.where(jnp.sum(dead) > 0, loss, 0.0)
-

@@ -24,7 +24,7 @@ from jaxsae.config import ConfigError, RunConfig, SAEConfig, TrainConfig
 from jaxsae.losses import Axes, LossHParams, LossOut, sae_loss
 from jaxsae.selection import DATA, MODEL, SAE
 from jaxsae.sharding import BATCH, named, params_specs, state_shardings
-from jaxsae.sparse_loss import SPARSE_ARCHITECTURES, band_counts, jumprelu_fits, sparse_sae_loss
+from jaxsae.sparse_loss import SPARSE_ARCHITECTURES, sparse_sae_loss
 
 _TOKENS_CAP = 2**30  # tokens_since_fired saturates here instead of overflowing int32
 
@@ -145,21 +145,19 @@ def sharded_loss(cfg: RunConfig, mesh: Mesh):
         return loss_fn(cfg.sae, {**p, **fixed}, x[layer] * scale, dead, hp, k_max, axes, *precomputed)
 
     dense = jax.vmap(partial(one_sae, sae_loss), in_axes=(0, 0, None, 0, 0, 0, 0))
-    sparse = jax.vmap(partial(one_sae, sparse_sae_loss), in_axes=(0, 0, None, 0, 0, 0, 0, 0, 0))
+    sparse = jax.vmap(partial(one_sae, sparse_sae_loss), in_axes=(0, 0, None, 0, 0, 0, 0, 0))
+    selections = jax.vmap(partial(one_sae, sparse_loss.select), in_axes=(0, 0, None, 0, 0, 0, 0))
 
     def sparse_or_dense(p, fixed, x, dead, hp, scale, layer):
-        """jumprelu: the sparse loss unless some SAE of this device has more entries near or above its
-        thresholds than the sparse codes hold (early in training); one branch runs, not both."""
-        pre = jax.vmap(lambda p, f, s, i: sae.pre_activations({**p, **f}, x[i] * s))(p, fixed, scale, layer)
-        pre = jax.lax.stop_gradient(pre)
-        counts = jax.vmap(lambda p, f, pre: band_counts(cfg.sae, {**p, **f}, pre))(p, fixed, pre)
-        fits = jax.vmap(partial(jumprelu_fits, cfg.sae))(counts)
-        over = jax.lax.psum(jnp.any(~fits).astype(jnp.int32), (DATA, MODEL)) > 0
+        """jumprelu: the sparse loss, unless some SAE's codes are not exact (early in training, more entries
+        near its thresholds than the codes hold): then the dense loss. One branch runs, not both."""
         args = (p, fixed, x, dead, hp, scale, layer)
-        return jax.lax.cond(over, lambda: dense(*args), lambda: sparse(*args, pre, counts))
+        sel = selections(*args)
+        inexact = jax.lax.psum(jnp.sum(~sel.exact, dtype=jnp.int32), (DATA, MODEL)) > 0
+        return jax.lax.cond(inexact, lambda: dense(*args), lambda: sparse(*args, sel))
 
     def sparse_only(*args):
-        return sparse(*args, None, None)
+        return sparse(*args, None)
 
     if not use_sparse_kernels(cfg, mesh):
         per_device = dense

@@ -24,6 +24,7 @@ R = {
     "positive_histogram": jax.jit(ref.positive_histogram, static_argnums=2),
     "row_counts": jax.jit(ref.row_counts),
     "compact": jax.jit(ref.compact, static_argnums=(4, 5)),
+    "encode_topk": jax.jit(ref.encode_topk, static_argnums=(5, 8)),
 }
 SHAPES = [(5, 17, 3, 4), (64, 512, 48, 16)]  # b, F, d, K
 
@@ -123,6 +124,35 @@ def test_topk_rows_with_few_allowed_latents():
         mask = np.zeros(2048, bool)
         mask[rng.choice(2048, n_allowed, replace=False)] = True
         np.testing.assert_array_equal(cpu.topk_rows(acts, k, mask, 64), R["topk_rows"](acts, k, mask, 64))
+
+
+def test_encode_equals_numpy_over_several_row_blocks():
+    """x·w + b by OpenBLAS in row blocks (256 rows each at F 512): 600 rows span three, the last partial."""
+    rng = np.random.default_rng(8)
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((600, 24), (24, 512), (512,)))
+    close(cpu.encode(x, w, b), (x.astype(np.float64) @ w + b).astype(np.float32), rtol=1e-5)
+
+
+def exact_encoder(rng: np.random.Generator, rows: int, d: int, n_latents: int):
+    """x, w, b on a grid of quarters: every product and sum is exact in float32, whatever the summation
+    order, so any two matmuls agree bit for bit and ties among pre-activations are exact ties."""
+    x, w = (rng.integers(-2, 3, s).astype(np.float32) / 4 for s in ((rows, d), (d, n_latents)))
+    return x, w, rng.integers(-2, 3, n_latents).astype(np.float32) / 4
+
+
+@pytest.mark.parametrize("rows,n_latents,k,size", [(600, 512, 16, 20), (9, 40, 12, 12), (7, 10, 9, 9)])
+def test_encode_topk_equals_reference(rows, n_latents, k, size):
+    """The fused encoder + selections: ids and values exactly (exact inputs, many ties); aux-k's mask with
+    few latents (the visiting path) and with many; k traced; 600 rows span three row blocks."""
+    rng = np.random.default_rng(9)
+    x, w, b = exact_encoder(rng, rows, 6, n_latents)
+    mask = rng.random(n_latents) < 0.9
+    fused = jax.jit(cpu.encode_topk, static_argnums=(5, 8))
+    for aux_share, k_aux in ((0.02, 3), (0.5, 5)):
+        aux = rng.random(n_latents) < aux_share
+        args = (x, w, b, k, mask, size, k_aux, aux, 6)
+        for got, want in zip(fused(*args), R["encode_topk"](*args), strict=True):
+            np.testing.assert_array_equal(got, want)
 
 
 def test_positive_histogram():

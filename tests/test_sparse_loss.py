@@ -123,26 +123,30 @@ def _run(kernels_mode: str, arch: str, data: int, d_sae: int = 64, theta: float 
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
-def test_train_steps_with_sparse_kernels_equal_dense(arch):
-    """Four steps of two SAEs (k 3 and 4) on a (sae 2, data 2) mesh, aux-k active after step 1."""
+def test_train_steps_with_sparse_kernels_equal_dense(backend, arch):
+    """Four steps of two SAEs (k 3 and 4) on a (sae 2, data 2) mesh, aux-k active after step 1. With the
+    C++ kernels the encoder matmul is OpenBLAS's, rounded unlike XLA's dense one: a near-tie at a
+    threshold may flip one selection, which Adam (lr 1e-2) turns into a few ±lr steps of one latent."""
     sparse_state, sparse_m = _run("sparse", arch, data=2)
     dense_state, dense_m = _run("dense", arch, data=2)
     for key in dense_state.params:  # Adam turns last-bit gradient differences of rarely firing latents
         a, b = np.asarray(sparse_state.params[key]), np.asarray(dense_state.params[key])  # into ±lr steps
-        assert np.mean(~np.isclose(a, b, rtol=2e-4, atol=2e-5)) < 0.02, key
-        np.testing.assert_allclose(a, b, atol=1e-2, err_msg=key)
+        if backend == "reference":
+            assert np.mean(~np.isclose(a, b, rtol=2e-4, atol=2e-5)) < 0.02, key
+        np.testing.assert_allclose(a, b, atol=1e-2 if backend == "reference" else 5e-2, err_msg=key)
     np.testing.assert_array_equal(sparse_state.tokens_since_fired, dense_state.tokens_since_fired)
-    _close(sparse_m["aux_loss"], dense_m["aux_loss"], "aux loss")
+    rtol = 2e-4 if backend == "reference" else 2e-3
+    np.testing.assert_allclose(sparse_m["aux_loss"], dense_m["aux_loss"], rtol=rtol, err_msg="aux loss")
 
 
 def test_jumprelu_falls_back_to_dense_when_its_codes_do_not_fit():
     """θ near 0 and 512 latents: about 256 entries per row above θ − ε/2, more than the sparse codes'
     room (128 per row): the step takes the dense branch, and still equals the dense step."""
-    from jaxsae.sparse_loss import band_counts, jumprelu_fits
+    from jaxsae.sparse_loss import select
 
-    cfg, params, x, _, _ = _problem("jumprelu", f=512)
+    cfg, params, x, dead, hp = _problem("jumprelu", f=512)
     params["log_threshold"] = jnp.full(512, np.log(0.01), jnp.float32)
-    assert not bool(jumprelu_fits(cfg, band_counts(cfg, params, sae.pre_activations(params, x))))
+    assert not bool(select(cfg, params, x, dead, hp, 4).exact)
     sparse_state, _ = _run("sparse", "jumprelu", data=2, d_sae=512, theta=0.01)
     dense_state, _ = _run("dense", "jumprelu", data=2, d_sae=512, theta=0.01)
     for key in dense_state.params:

@@ -8,7 +8,8 @@
   backward        (loss and gradient) − forward
   optimizer       gradient projection + Adam + unit-norm decoder rows (as in make_train_step)
 The first three run on one SAE, unsharded, on the first device; the last three on the mesh, like the step.
-When the step uses sparse kernels (jaxsae.sparse_loss), selection and decode are the sparse ones.
+When the step uses sparse kernels (jaxsae.sparse_loss), the encoder matmul and decode are the sparse
+step's kernels, and selection is the fused encoder-and-selection (sparse_loss.select) less the matmul.
 
 To time another implementation of a piece, pass `pieces={"selection": my_piece, ...}`: a piece is a
 function `Ctx -> (jitted function, args)`; a "backward" piece, when given, is timed directly instead
@@ -129,37 +130,41 @@ def optimizer(ctx: Ctx) -> tuple[Callable, tuple]:
     return jax.jit(update), (grads, ctx.state.opt_state, params)
 
 
-def _sparse_select(cfg: RunConfig, params: dict, pre: jax.Array, dead: jax.Array, k: int):
-    """The sparse step's selections (jaxsae.sparse_loss): the codes' (row, idx) and aux-k's (or None)."""
-    arch = cfg.sae.architecture
-    if arch == "topk":
-        main = ops.select_topk(pre, k, k)
-    elif arch == "batchtopk":
-        main = ops.select_batchtopk(pre, k, k)[:2]
-    else:
-        main = sparse_loss.select_jumprelu(cfg.sae, params, pre)
-    if arch == "jumprelu":
-        return main, None
-    k_aux = min(params["W_dec"].shape[1] // 2, pre.shape[1])
-    return main, ops.select_topk(pre, k_aux, k_aux, mask=dead)
+def _sparse_select(ctx: Ctx) -> tuple[Callable, tuple]:
+    """The sparse step's whole selection (jaxsae.sparse_loss.select: on the CPU the encoder fused with
+    the per-row selections), for SAE 0."""
+    hp = loss_hparams(ctx.cfg, ctx.k, ctx.state.step[0])
+    select = partial(sparse_loss.select, ctx.cfg.sae, hp=hp, k_max=ctx.k)
+    return jax.jit(select), (ctx.params, ctx.rows, ctx.dead)
 
 
-def sparse_selection(ctx: Ctx) -> tuple[Callable, tuple]:
-    return jax.jit(partial(_sparse_select, ctx.cfg, k=ctx.k)), (ctx.params, ctx.pre, ctx.dead)
+def sparse_encoder_matmul(ctx: Ctx) -> tuple[Callable, tuple]:
+    """The encoder matmul as the sparse step's kernels compute it (on the CPU: OpenBLAS in row blocks)."""
+    def encode(p, rows):
+        return ops.encode(rows - p["b_dec"], p["W_enc"], p["b_enc"])
+
+    return jax.jit(encode), (ctx.params, ctx.rows)
 
 
 def sparse_decode(ctx: Ctx) -> tuple[Callable, tuple]:
     """The sparse decode of the codes and of aux-k's dead latents (chunked ELL, jaxsae.kernels)."""
-    sel = jax.jit(partial(_sparse_select, ctx.cfg, k=ctx.k))(ctx.params, ctx.pre, ctx.dead)
+    fn, args = _sparse_select(ctx)
+    sel = fn(*args)
 
-    def dec(params, pre, sel):
-        outs = []
-        for row, idx in (s for s in sel if s is not None):
-            vals = jnp.where(idx >= 0, jax.nn.relu(pre[row[:, None], jnp.maximum(idx, 0)]), 0.0)
-            outs.append(ops.decode(row, idx, vals, params["W_dec"], pre.shape[0]))
-        return outs
+    def dec(params, sel):
+        b = ctx.rows.shape[0]
+        main = ops.decode(sel.row, sel.idx, jax.nn.relu(sel.pre), params["W_dec"], b)
+        aux = ops.decode(sel.aux_row, sel.aux_idx, jax.nn.relu(sel.aux_pre), params["W_dec"], b)
+        return main, aux
 
-    return jax.jit(dec), (ctx.params, ctx.pre, sel)
+    return jax.jit(dec), (ctx.params, sel)
+
+
+SPARSE_PIECES: dict[str, Piece] = {
+    "encoder_matmul": sparse_encoder_matmul,
+    "encode_select": _sparse_select,  # selection = encode_select − encoder_matmul (they are fused)
+    "decode": sparse_decode,
+}
 
 
 PIECES: dict[str, Piece] = {
@@ -203,10 +208,13 @@ def breakdown(
     pieces: dict[str, Piece] | None = None,
 ) -> dict[str, float]:
     """Seconds of each part of the step (see the module docstring); `pieces` replaces some of PIECES."""
-    sparse = {"selection": sparse_selection, "decode": sparse_decode} if use_sparse_kernels(cfg, mesh) else {}
-    pieces = {**PIECES, **sparse, **(pieces or {})}
+    sparse = use_sparse_kernels(cfg, mesh)
+    base = {n: p for n, p in PIECES.items() if not (sparse and n == "selection")}
+    pieces = {**base, **(SPARSE_PIECES if sparse else {}), **(pieces or {})}
     ctx = make_ctx(cfg, mesh, state, x, ks)
     measured = {name: time_piece(piece, ctx, steps) for name, piece in pieces.items()}
+    if "encode_select" in measured:
+        measured["selection"] = max(measured.pop("encode_select") - measured["encoder_matmul"], 0.0)
     if "backward" not in measured:
         measured["backward"] = max(measured["forward_backward"] - measured["forward"], 0.0)
     order = ("encoder_matmul", "selection", "decode", "forward", "backward", "optimizer")

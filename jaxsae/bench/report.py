@@ -35,6 +35,11 @@ def ours_lines(r: dict) -> list[str]:
         f"step {_ms(step['median'])} ms (mean {_ms(step['mean'])})   floor {_ms(floor['median'])} ms   "
         f"floor ratio {r['floor_ratio']:.2f}",
     ]
+    if "xla" in floor:
+        lines.append(
+            f"    floor = the faster matmul: XLA dot {_ms(floor['xla']['median'])} ms, "
+            f"kernel (OpenBLAS on the CPU) {_ms(floor['kernel']['median'])} ms"
+        )
     if b := r.get("breakdown_s"):
         parts = " | ".join(f"{p} {_ms(b.get(p))}" for p in _PIECES)
         lines.append(f"    breakdown ms: {parts}  (forward {_ms(b.get('forward'))})")

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import jax
+import scipy_openblas32
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 LIB_NAME = "libjaxsae_cpu.so"
@@ -46,6 +47,17 @@ def _cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
+def _openblas_flags() -> list[str]:
+    """Compile and link flags for OpenBLAS from the scipy-openblas32 wheel (symbols prefixed `scipy_`)."""
+    lib_dir = scipy_openblas32.get_lib_dir()
+    return [
+        f"-I{scipy_openblas32.get_include_dir()}",
+        f"-L{lib_dir}",
+        f"-l{scipy_openblas32.get_library()}",
+        f"-Wl,-rpath,{lib_dir}",
+    ]
+
+
 def cache_dir() -> Path:
     """The folder for this build: the hash covers everything that changes the binary."""
     cxx = compiler()
@@ -60,6 +72,7 @@ def cache_dir() -> Path:
         " ".join(FLAGS).encode(),
         version.encode(),
         _cpu_signature().encode(),
+        scipy_openblas32.__version__.encode(),
     ):
         h.update(part)
         h.update(b"\0")
@@ -80,7 +93,7 @@ def build(verbose: bool = False) -> Path:
             return lib
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
         os.close(fd)
-        cmd = [compiler(), *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+        cmd = [compiler(), *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), *_openblas_flags(), "-o", tmp]
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -30,6 +30,8 @@ _TARGETS = {
     "positive_histogram": "JaxsaePositiveHistogram",
     "row_counts": "JaxsaeRowCounts",
     "compact": "JaxsaeCompact",
+    "encode": "JaxsaeEncode",
+    "encode_topk": "JaxsaeEncodeTopk",
 }
 
 
@@ -124,3 +126,32 @@ def compact(
     out = (jax.ShapeDtypeStruct((n_chunks,), jnp.int32), jax.ShapeDtypeStruct((n_chunks, size), jnp.int32))
     row, idx = _call("compact", out, _f32(acts), _f32(thr), _i32(quota), _i32(chunk_start))
     return row, idx
+
+
+def encode(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+    """[R, F] float32 pre-activations x·w + b (x [R, d], w [d, F], b [F]) by OpenBLAS in row blocks."""
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
+    return _call("encode", out, _f32(x), _f32(w), _f32(b))
+
+
+def encode_topk(
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array,
+    k: jax.Array | int,
+    mask: jax.Array,
+    size: int,
+    k_aux: jax.Array | int,
+    mask_aux: jax.Array,
+    size_aux: int,
+):
+    """As `reference.encode_topk`, without ever holding more than one block of rows of x·w + b."""
+    rows = x.shape[0]
+    out = (
+        jax.ShapeDtypeStruct((rows, size), jnp.int32),
+        jax.ShapeDtypeStruct((rows, size), jnp.float32),
+        jax.ShapeDtypeStruct((rows, size_aux), jnp.int32),
+        jax.ShapeDtypeStruct((rows, size_aux), jnp.float32),
+    )
+    mask, mask_aux = jnp.asarray(mask, jnp.bool_), jnp.asarray(mask_aux, jnp.bool_)
+    return tuple(_call("encode_topk", out, _f32(x), _f32(w), _f32(b), mask, _i32(k), mask_aux, _i32(k_aux)))

@@ -17,6 +17,8 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#include <cblas.h>  // scipy-openblas32: symbols prefixed scipy_
+
 namespace ffi = xla::ffi;
 
 namespace {
@@ -413,36 +415,103 @@ void TopkRowFew(const float* __restrict a, const int64_t* ids, int64_t n_ids, in
   std::fill(out + n, out + size, -1);
 }
 
+// Per-row top-k among the latents of a mask: scans the row, or visits only the allowed ids when few.
+struct RowTopk {
+  const uint8_t* mask;
+  int64_t F, k, size;
+  std::vector<int64_t> ids;
+  bool few;
+  RowTopk(const bool* m, int64_t F_, int64_t k_, int64_t size_)
+      : mask(reinterpret_cast<const uint8_t*>(m)), F(F_), k(std::clamp<int64_t>(k_, 0, std::min(size_, F_))),
+        size(size_) {
+    for (int64_t f = 0; f < F; ++f)
+      if (mask[f]) ids.push_back(f);
+    few = (int64_t)ids.size() * 16 < F;  // a few allowed latents: random reads beat a scan of the row
+  }
+  void Run(const float* a, TopkScratch& sc, int32_t* out) const {
+    if (k == 0)
+      std::fill(out, out + size, -1);
+    else if (few)
+      TopkRowFew(a, ids.data(), (int64_t)ids.size(), k, size, sc.cand.data(), out);
+    else
+      TopkRow(a, mask, F, k, size, sc, out);
+  }
+};
+
 void TopkRows(const float* acts, const bool* mask, int64_t k, int32_t* out, int64_t R, int64_t F,
               int64_t size) {
-  k = std::clamp<int64_t>(k, 0, std::min(size, F));
-  if (k == 0) {
-    std::fill(out, out + R * size, -1);
-    return;
-  }
-  const uint8_t* mk = reinterpret_cast<const uint8_t*>(mask);
-  std::vector<int64_t> ids;
-  for (int64_t f = 0; f < F; ++f)
-    if (mk[f]) ids.push_back(f);
+  const RowTopk sel(mask, F, k, size);
   const FpMode fp;
-  if ((int64_t)ids.size() * 16 < F) {  // a few allowed latents: random reads beat a scan of the row
-#pragma omp parallel
-    {
-      FpScope scope(fp);
-      std::vector<uint64_t> cand(ids.size() + 1);
-#pragma omp for schedule(static)
-      for (int64_t r = 0; r < R; ++r)
-        TopkRowFew(acts + r * F, ids.data(), (int64_t)ids.size(), k, size, cand.data(), out + r * size);
-    }
-    return;
-  }
 #pragma omp parallel
   {
     FpScope scope(fp);
     TopkScratch sc(F);
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < R; ++r) TopkRow(acts + r * F, mk, F, k, size, sc, out + r * size);
+    for (int64_t r = 0; r < R; ++r) sel.Run(acts + r * F, sc, out + r * size);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// encode / encode_topk: the encoder matmul x·w + b in row blocks, each block by single-threaded OpenBLAS
+// in one OpenMP thread (measured here: within 5% of OpenBLAS's own threading, 1.3-1.5x faster than XLA's
+// dot). encode_topk selects while the block is hot and never holds more than one block per thread.
+constexpr int64_t kEncodeBlockBytes = 16 << 20;
+
+int64_t EncodeBlockRows(int64_t F) { return std::clamp<int64_t>(kEncodeBlockBytes / (4 * std::max<int64_t>(F, 1)), 64, 256); }
+
+// buf [n, F] = x[r0 : r0 + n] · w + b  (x [R, d], w [d, F] row-major).
+void EncodeBlock(const float* x, const float* w, const float* b, int64_t r0, int64_t n, int64_t d, int64_t F,
+                 float* buf) {
+  for (int64_t r = 0; r < n; ++r) std::memcpy(buf + r * F, b, F * sizeof(float));
+  if (d > 0)
+    scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)n, (blasint)F, (blasint)d, 1.0f,
+                      x + r0 * d, (blasint)d, w, (blasint)F, 1.0f, buf, (blasint)F);
+}
+
+// Calls body(r0, n, thread_buffer_or_null) for the row blocks of [0, R), blocks spread over the team.
+template <typename Body>
+void ForRowBlocks(int64_t R, int64_t F, bool own_buffer, Body body) {
+  const int64_t blk = EncodeBlockRows(F);
+  const int64_t nb = (R + blk - 1) / blk;
+  static const bool serial_blas = (scipy_openblas_set_num_threads(1), true);  // parallel over blocks instead
+  (void)serial_blas;
+  const FpMode fp;
+#pragma omp parallel
+  {
+    FpScope scope(fp);
+    std::vector<float> buf(own_buffer ? blk * F : 0);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t q = 0; q < nb; ++q) body(q * blk, std::min(blk, R - q * blk), own_buffer ? buf.data() : nullptr);
+  }
+}
+
+void Encode(const float* x, const float* w, const float* b, float* out, int64_t R, int64_t d, int64_t F) {
+  ForRowBlocks(R, F, false, [&](int64_t r0, int64_t n, float*) { EncodeBlock(x, w, b, r0, n, d, F, out + r0 * F); });
+}
+
+void ValuesAt(const float* a, const int32_t* ids, int64_t size, float* out) {
+  for (int64_t j = 0; j < size; ++j) out[j] = ids[j] >= 0 ? a[ids[j]] : 0.0f;
+}
+
+// Per row of pre = x·w + b: the top k under `mask` (ids ascending, their values), and the top k_aux under
+// `mask_aux`.
+void EncodeTopk(const float* x, const float* w, const float* b, int64_t R, int64_t d, int64_t F, const bool* mask,
+                int64_t k, int64_t size, const bool* mask_aux, int64_t k_aux, int64_t size_aux, int32_t* idx,
+                float* val, int32_t* aux_idx, float* aux_val) {
+  const RowTopk main(mask, F, k, size), aux(mask_aux, F, k_aux, size_aux);
+  std::vector<TopkScratch> scratch;
+  for (int u = 0; u < omp_get_max_threads(); ++u) scratch.emplace_back(F);
+  ForRowBlocks(R, F, true, [&](int64_t r0, int64_t n, float* buf) {
+    EncodeBlock(x, w, b, r0, n, d, F, buf);
+    TopkScratch& sc = scratch[omp_get_thread_num()];
+    for (int64_t r = r0; r < r0 + n; ++r) {
+      const float* a = buf + (r - r0) * F;
+      main.Run(a, sc, idx + r * size);
+      ValuesAt(a, idx + r * size, size, val + r * size);
+      aux.Run(a, sc, aux_idx + r * size_aux);
+      ValuesAt(a, aux_idx + r * size_aux, size_aux, aux_val + r * size_aux);
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -615,6 +684,30 @@ ffi::Error TopkRowsFfi(ffi::Buffer<ffi::F32, 2> acts, ffi::BufferR0<ffi::S32> k,
   return ffi::Error::Success();
 }
 
+ffi::Error EncodeFfi(ffi::Buffer<ffi::F32, 2> x, ffi::Buffer<ffi::F32, 2> w, ffi::Buffer<ffi::F32, 1> b,
+                     ffi::ResultBuffer<ffi::F32, 2> out) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd[1] != wd[0] || b.dimensions()[0] != wd[1])
+    return ffi::Error::InvalidArgument("encode: x [R, d], w [d, F] and b [F] disagree");
+  Encode(x.typed_data(), w.typed_data(), b.typed_data(), out->typed_data(), xd[0], xd[1], wd[1]);
+  return ffi::Error::Success();
+}
+
+ffi::Error EncodeTopkFfi(ffi::Buffer<ffi::F32, 2> x, ffi::Buffer<ffi::F32, 2> w, ffi::Buffer<ffi::F32, 1> b,
+                         ffi::Buffer<ffi::PRED, 1> mask, ffi::BufferR0<ffi::S32> k, ffi::Buffer<ffi::PRED, 1> mask_aux,
+                         ffi::BufferR0<ffi::S32> k_aux, ffi::ResultBuffer<ffi::S32, 2> idx,
+                         ffi::ResultBuffer<ffi::F32, 2> val, ffi::ResultBuffer<ffi::S32, 2> aux_idx,
+                         ffi::ResultBuffer<ffi::F32, 2> aux_val) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  const int64_t F = wd[1];
+  if (xd[1] != wd[0] || b.dimensions()[0] != F || mask.dimensions()[0] != F || mask_aux.dimensions()[0] != F)
+    return ffi::Error::InvalidArgument("encode_topk: x [R, d], w [d, F], b, mask and mask_aux [F] disagree");
+  EncodeTopk(x.typed_data(), w.typed_data(), b.typed_data(), xd[0], xd[1], F, mask.typed_data(), k.typed_data()[0],
+             idx->dimensions()[1], mask_aux.typed_data(), k_aux.typed_data()[0], aux_idx->dimensions()[1],
+             idx->typed_data(), val->typed_data(), aux_idx->typed_data(), aux_val->typed_data());
+  return ffi::Error::Success();
+}
+
 ffi::Error HistogramFfi(ffi::Buffer<ffi::F32> acts, ffi::BufferR0<ffi::S32> prefix,
                         ffi::ResultBuffer<ffi::S32, 1> out, int32_t level) {
   Histogram(acts.typed_data(), (int64_t)acts.element_count(), prefix.typed_data()[0], level, out->typed_data());
@@ -678,6 +771,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeTopkRows, TopkRowsFfi,
                                   .Arg<ffi::BufferR0<ffi::S32>>()
                                   .Arg<BoolVec>()
                                   .Ret<I32Mat>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeEncode, EncodeFfi,
+                              ffi::Ffi::Bind().Arg<F32Mat>().Arg<F32Mat>().Arg<F32Vec>().Ret<F32Mat>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeEncodeTopk, EncodeTopkFfi,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32Mat>()
+                                  .Arg<F32Mat>()
+                                  .Arg<F32Vec>()
+                                  .Arg<BoolVec>()
+                                  .Arg<ffi::BufferR0<ffi::S32>>()
+                                  .Arg<BoolVec>()
+                                  .Arg<ffi::BufferR0<ffi::S32>>()
+                                  .Ret<I32Mat>()
+                                  .Ret<F32Mat>()
+                                  .Ret<I32Mat>()
+                                  .Ret<F32Mat>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaePositiveHistogram, HistogramFfi,
                               ffi::Ffi::Bind()

@@ -59,17 +59,17 @@ decode.defvjp(_decode_fwd, _decode_bwd)
 
 @jax.custom_vjp
 def selected_pre(
-    pre: jax.Array, x: jax.Array, w_enc: jax.Array, b_enc: jax.Array, b_dec: jax.Array, row, idx
+    vals: jax.Array, x: jax.Array, w_enc: jax.Array, b_enc: jax.Array, b_dec: jax.Array, row, idx
 ) -> jax.Array:
-    """[C, K]: the pre-activations (x − b_dec) W_enc + b_enc at the selected slots (0 in empty slots),
-    read from the already computed `pre` [b, F] (no gradient flows into `pre` itself). Its gradient
-    reaches W_enc [d, F], b_enc [F] and b_dec [d] through the selected slots only."""
+    """[C, K]: the pre-activations (x − b_dec) W_enc + b_enc at the selected slots, given as `vals`
+    [C, K] (already computed with the selection; 0 in empty slots; no gradient flows into them). Its
+    gradient reaches W_enc [d, F], b_enc [F] and b_dec [d] through the selected slots only."""
     del x, w_enc, b_enc, b_dec
-    return jnp.where(idx >= 0, pre[row[:, None], jnp.maximum(idx, 0)], 0.0)
+    return jnp.where(idx >= 0, vals, 0.0)
 
 
-def _selected_fwd(pre, x, w_enc, b_enc, b_dec, row, idx):
-    return selected_pre(pre, x, w_enc, b_enc, b_dec, row, idx), (x, w_enc, b_enc, b_dec, row, idx)
+def _selected_fwd(vals, x, w_enc, b_enc, b_dec, row, idx):
+    return selected_pre(vals, x, w_enc, b_enc, b_dec, row, idx), (x, w_enc, b_enc, b_dec, row, idx)
 
 
 def _selected_bwd(res, g):
@@ -93,7 +93,21 @@ def fire_count(idx: jax.Array, fired: jax.Array, n_latents: int) -> jax.Array:
     return jnp.zeros(n_latents + 1, jnp.int32).at[jnp.where(idx >= 0, idx, n_latents)].add(hits)[:-1]
 
 
-# --- selections -----------------------------------------------------------------------------------
+# --- encoder and selections -----------------------------------------------------------------------
+
+
+def encode(x: jax.Array, w_enc: jax.Array, b_enc: jax.Array) -> jax.Array:
+    """[b, F] float32 pre-activations x·W_enc + b_enc of centred rows x [b, d] (a constant: no gradient)."""
+    return _call("encode", x, w_enc, b_enc)
+
+
+def encode_topk(x, w_enc, b_enc, k, mask, size: int, k_aux, mask_aux, size_aux: int):
+    """The encoder fused with per-row top-k selections (see jaxsae.kernels.reference.encode_topk): the
+    [b, F] pre-activations are never held whole by the CPU kernel. Returns (idx [b, size], pre at idx,
+    aux_idx [b, size_aux], pre at aux_idx); constants (no gradient)."""
+    return _call("encode_topk", x, w_enc, b_enc, k, mask, size, k_aux, mask_aux, size_aux)
+
+
 
 
 def select_topk(acts: jax.Array, k: jax.Array | int, k_max: int, mask: jax.Array | None = None):

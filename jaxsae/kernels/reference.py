@@ -105,3 +105,32 @@ def compact(
     row = jax.lax.cummax(owner[:-1], axis=0)
     used = jnp.arange(n_chunks) < jnp.max(jnp.where(n_row_chunks > 0, chunk_start + n_row_chunks, 0))
     return jnp.where(used, row, b - 1).astype(jnp.int32), idx
+
+
+def encode(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+    """[R, F] float32 pre-activations x·w + b (x [R, d], w [d, F], b [F]; x is already centred)."""
+    return x.astype(jnp.float32) @ w.astype(jnp.float32) + b.astype(jnp.float32)
+
+
+def _values_at(acts: jax.Array, idx: jax.Array) -> jax.Array:
+    return jnp.where(idx >= 0, jnp.take_along_axis(acts, jnp.maximum(idx, 0), axis=1), 0.0)
+
+
+def encode_topk(
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array,
+    k: jax.Array | int,
+    mask: jax.Array,
+    size: int,
+    k_aux: jax.Array | int,
+    mask_aux: jax.Array,
+    size_aux: int,
+):
+    """The encoder fused with two per-row selections, on pre = encode(x, w, b) [R, F]:
+    (idx [R, size], val [R, size]) = topk_rows(pre, k, mask, size) and pre at those slots (0 where -1),
+    and (aux_idx [R, size_aux], aux_val) likewise for topk_rows(pre, k_aux, mask_aux, size_aux)."""
+    pre = encode(x, w, b)
+    idx = topk_rows(pre, k, mask, size)
+    aux_idx = topk_rows(pre, k_aux, mask_aux, size_aux)
+    return idx, _values_at(pre, idx), aux_idx, _values_at(pre, aux_idx)
