@@ -54,8 +54,8 @@ def select(
     """The sparse codes of rows x [b, d] (input-scaled). topk runs the encoder fused with its per-row
     selections (jaxsae.kernels.ops.encode_topk: no [b, F] array on the CPU). batchtopk's threshold is
     global: one row may hold a thousand of the batch's k·B entries (rows of large norm), so it takes
-    the [b, F] pre-activations (the kernels' encoder) and the exact two-level radix select. jumprelu
-    keeps the entries above θ − ε/2."""
+    the [b, F] pre-activations (the kernels' encoder, with the first pass of the exact two-level radix
+    select fused in) and selects over them. jumprelu keeps the entries above θ − ε/2."""
     params = jax.tree.map(lax.stop_gradient, params)
     b, n_latents = x.shape[0], params["W_enc"].shape[1]
     xc = x - params["b_dec"]
@@ -67,14 +67,15 @@ def select(
             xc, w_enc, b_enc, hp.k, jnp.ones(n_latents, bool), k_max, k_aux, dead, k_aux
         )
         return Selection(rows, idx, pre, rows, aux_idx, aux_pre, jnp.zeros((), pre.dtype), jnp.asarray(True))
-    pre = ops.encode(xc, w_enc, b_enc)
     if cfg.architecture == "jumprelu":
+        pre = ops.encode(xc, w_enc, b_enc)
         counts = band_counts(cfg, params, pre)
         row, idx = select_jumprelu(cfg, params, pre, counts)
         none = jnp.zeros((b, 0), jnp.int32)
         return Selection(row, idx, _at(pre, row, idx), rows, none, none.astype(pre.dtype),
                          jnp.zeros((), pre.dtype), jumprelu_fits(cfg, counts))
-    row, idx, smallest = ops.select_batchtopk(pre, hp.k, k_max, axes.data)
+    pre, hist = ops.encode_histogram(xc, w_enc, b_enc)
+    row, idx, smallest = ops.select_batchtopk(pre, hp.k, k_max, axes.data, hist)
     _, aux_idx = ops.select_topk(pre, k_aux, k_aux, mask=dead)
     return Selection(row, idx, _at(pre, row, idx), rows, aux_idx, _at(pre, rows, aux_idx), smallest,
                      jnp.asarray(True))

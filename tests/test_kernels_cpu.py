@@ -76,6 +76,7 @@ def test_sparse_products(shape):
     close(cpu.gather_sum(row, idx, val, w, b), R["gather_sum"](row, idx, val, w, b))
     close(cpu.gather_dot(row, idx, y, w), R["gather_dot"](row, idx, y, w))
     close(cpu.scatter_rows(row, idx, val, y, n_latents), R["scatter_rows"](row, idx, val, y, n_latents))
+    close(cpu.scatter_cols(row, idx, val, y, n_latents), R["scatter_rows"](row, idx, val, y, n_latents).T)
     assert np.all(np.asarray(cpu.gather_dot(row, idx, y, w))[idx < 0] == 0)
 
 
@@ -138,6 +139,16 @@ def exact_encoder(rng: np.random.Generator, rows: int, d: int, n_latents: int):
     order, so any two matmuls agree bit for bit and ties among pre-activations are exact ties."""
     x, w = (rng.integers(-2, 3, s).astype(np.float32) / 4 for s in ((rows, d), (d, n_latents)))
     return x, w, rng.integers(-2, 3, n_latents).astype(np.float32) / 4
+
+
+def test_encode_histogram_equals_reference():
+    """The encoder with the level-0 histogram fused in: both outputs exact (exact inputs), 3 row blocks."""
+    rng = np.random.default_rng(10)
+    x, w, b = exact_encoder(rng, 600, 6, 512)
+    pre, hist = cpu.encode_histogram(x, w, b)
+    np.testing.assert_array_equal(pre, x @ w + b)
+    np.testing.assert_array_equal(hist, R["positive_histogram"](x @ w + b, 0, 0))
+    assert int(np.asarray(hist).sum()) == int(((x @ w + b) > 0).sum())  # not vacuous
 
 
 @pytest.mark.parametrize("rows,n_latents,k,size", [(600, 512, 16, 20), (9, 40, 12, 12), (7, 10, 9, 9)])

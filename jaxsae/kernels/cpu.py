@@ -26,12 +26,14 @@ _TARGETS = {
     "gather_sum": "JaxsaeGatherSum",
     "gather_dot": "JaxsaeGatherDot",
     "scatter_rows": "JaxsaeScatterRows",
+    "scatter_cols": "JaxsaeScatterCols",
     "topk_rows": "JaxsaeTopkRows",
     "positive_histogram": "JaxsaePositiveHistogram",
     "row_counts": "JaxsaeRowCounts",
     "compact": "JaxsaeCompact",
     "encode": "JaxsaeEncode",
     "encode_topk": "JaxsaeEncodeTopk",
+    "encode_histogram": "JaxsaeEncodeHistogram",
 }
 
 
@@ -93,6 +95,12 @@ def scatter_rows(row: jax.Array, idx: jax.Array, val: jax.Array, y: jax.Array, n
     return _call("scatter_rows", out, _i32(row), _i32(idx), _f32(val), _f32(y))
 
 
+def scatter_cols(row: jax.Array, idx: jax.Array, val: jax.Array, y: jax.Array, n_latents: int) -> jax.Array:
+    """[d, n_latents] float32: scatter_rows(...) transposed, written in that layout directly."""
+    out = jax.ShapeDtypeStruct((y.shape[1], n_latents), jnp.float32)
+    return _call("scatter_cols", out, _i32(row), _i32(idx), _f32(val), _f32(y))
+
+
 def topk_rows(acts: jax.Array, k: jax.Array | int, mask: jax.Array, size: int) -> jax.Array:
     """idx [..., size] int32: per row of acts [..., F], the k largest entries among latents with mask[f]
     and acts > 0 (ties: lower latent id first), ascending, then -1. k ≤ size may be traced."""
@@ -132,6 +140,13 @@ def encode(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
     """[R, F] float32 pre-activations x·w + b (x [R, d], w [d, F], b [F]) by OpenBLAS in row blocks."""
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
     return _call("encode", out, _f32(x), _f32(w), _f32(b))
+
+
+def encode_histogram(x: jax.Array, w: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(encode(x, w, b) [R, F], positive_histogram of it at level 0 [65536]), the histogram taken while
+    each row block is in cache."""
+    out = (jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32), jax.ShapeDtypeStruct((65536,), jnp.int32))
+    return tuple(_call("encode_histogram", out, _f32(x), _f32(w), _f32(b)))
 
 
 def encode_topk(

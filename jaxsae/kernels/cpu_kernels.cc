@@ -259,8 +259,10 @@ void GatherDot(const int32_t* row, const int32_t* idx, const float* y, const flo
 // scatter_rows: out[f] = Σ val · y[row] over the slots with idx = f. A parallel counting sort turns the
 // slots into per-latent lists (CSC); then each thread owns a latent range balanced by entry count and
 // writes each of its output rows (zeros included) in its own pass, so the [F, d] output is filled once.
+// scatter_cols (`transposed`): the same sums written as out [d, F] (the encoder's gradient in W_enc's
+// layout, without a separate transpose pass).
 void ScatterRows(const int32_t* row, const int32_t* idx, const float* val, const float* y, float* out,
-                 int64_t C, int64_t K, int64_t B, int64_t F, int64_t d) {
+                 int64_t C, int64_t K, int64_t B, int64_t F, int64_t d, bool transposed) {
   const int64_t S = C * K;
   const int nt_max = omp_get_max_threads();
   std::vector<int32_t> counts((int64_t)nt_max * F + 1);
@@ -317,11 +319,24 @@ void ScatterRows(const int32_t* row, const int32_t* idx, const float* val, const
       return lo;
     };
     const int64_t f0 = cut(t), f1 = t + 1 == nt ? F : cut(t + 1);
-    for (int64_t d0 = 0; d0 < d; d0 += g_tile) {
-      const int64_t dn = std::min(g_tile, d - d0);
-      for (int64_t f = f0; f < f1; ++f) std::fill(out + f * d + d0, out + f * d + d0 + dn, 0.0f);
-      AccumulateRows(y, src_row.data(), src_val.data(), start.data() + f0, latent.data() + f0, f1 - f0, out, d,
-                     d0, dn);
+    if (transposed) {  // out [d, F]: rows of a tile of latents in a small buffer, written out as columns
+      constexpr int64_t kTile = 16;  // 64 contiguous bytes per output row
+      std::vector<float> buf(kTile * d);
+      const int64_t local[kTile] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+      for (int64_t fa = f0; fa < f1; fa += kTile) {
+        const int64_t n = std::min(kTile, f1 - fa);
+        std::fill(buf.begin(), buf.end(), 0.0f);
+        AccumulateRows(y, src_row.data(), src_val.data(), start.data() + fa, local, n, buf.data(), d, 0, d);
+        for (int64_t x = 0; x < d; ++x)
+          for (int64_t j = 0; j < n; ++j) out[x * F + fa + j] = buf[j * d + x];
+      }
+    } else {
+      for (int64_t d0 = 0; d0 < d; d0 += g_tile) {
+        const int64_t dn = std::min(g_tile, d - d0);
+        for (int64_t f = f0; f < f1; ++f) std::fill(out + f * d + d0, out + f * d + d0 + dn, 0.0f);
+        AccumulateRows(y, src_row.data(), src_val.data(), start.data() + f0, latent.data() + f0, f1 - f0, out, d,
+                       d0, dn);
+      }
     }
   }
 }
@@ -521,6 +536,30 @@ void EncodeTopk(const float* x, const float* w, const float* b, int64_t R, int64
 constexpr int64_t kBins = 65536;
 constexpr int64_t kBlock = 64;
 
+// Adds the entries acts[i0 : i1] to h by their high 16 bits (non-positive entries to bins >= 0x8000).
+void HistogramLevel0(const float* acts, int64_t i0, int64_t i1, int32_t* h) {
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(acts);
+  uint32_t key[kBlock];
+  int64_t i = i0;
+  for (; i + kBlock <= i1; i += kBlock) {
+#pragma omp simd
+    for (int x = 0; x < kBlock; ++x) key[x] = (bits[i + x] >> 16) | (acts[i + x] > 0.0f ? 0u : 0x8000u);
+    for (int x = 0; x < kBlock; ++x) ++h[key[x]];
+  }
+  for (; i < i1; ++i) ++h[(bits[i] >> 16) | (acts[i] > 0.0f ? 0u : 0x8000u)];
+}
+
+// Sums the team's private histograms priv [nt, kBins] into out, dropping the bins >= `valid`.
+void ReduceHistograms(const std::vector<int32_t>& priv, int nt, int64_t valid, int32_t* out) {
+  int64_t k0, k1;
+  Split(kBins, k0, k1);
+  for (int64_t key = k0; key < k1; ++key) {
+    int32_t s = 0;
+    for (int u = 0; u < nt; ++u) s += priv[(int64_t)u * kBins + key];
+    out[key] = key < valid ? s : 0;
+  }
+}
+
 void Histogram(const float* acts, int64_t n, int32_t prefix, int level, int32_t* out) {
   const int nt_max = omp_get_max_threads();
   std::vector<int32_t> priv((int64_t)nt_max * kBins, 0);
@@ -533,14 +572,7 @@ void Histogram(const float* acts, int64_t n, int32_t prefix, int level, int32_t*
     int32_t* h = priv.data() + (int64_t)omp_get_thread_num() * kBins;
     const uint32_t* bits = reinterpret_cast<const uint32_t*>(acts);
     if (level == 0) {
-      uint32_t key[kBlock];
-      int64_t i = i0;
-      for (; i + kBlock <= i1; i += kBlock) {
-#pragma omp simd
-        for (int x = 0; x < kBlock; ++x) key[x] = (bits[i + x] >> 16) | (acts[i + x] > 0.0f ? 0u : 0x8000u);
-        for (int x = 0; x < kBlock; ++x) ++h[key[x]];
-      }
-      for (; i < i1; ++i) ++h[(bits[i] >> 16) | (acts[i] > 0.0f ? 0u : 0x8000u)];
+      HistogramLevel0(acts, i0, i1, h);
     } else {
       // Few entries share the prefix: a well-predicted branch on a vectorised block test.
       const uint32_t want = (uint32_t)prefix;
@@ -555,15 +587,7 @@ void Histogram(const float* acts, int64_t n, int32_t prefix, int level, int32_t*
         if (acts[i] > 0.0f && (bits[i] >> 16) == want) ++h[bits[i] & 0xFFFF];
     }
 #pragma omp barrier
-    int64_t k0, k1;
-    Split(kBins, k0, k1);
-    const int nt = omp_get_num_threads();
-    const int64_t valid = level == 0 ? kBins / 2 : kBins;
-    for (int64_t key = k0; key < k1; ++key) {
-      int32_t s = 0;
-      for (int u = 0; u < nt; ++u) s += priv[(int64_t)u * kBins + key];
-      out[key] = key < valid ? s : 0;
-    }
+    ReduceHistograms(priv, omp_get_num_threads(), level == 0 ? kBins / 2 : kBins, out);
   }
 }
 
@@ -644,6 +668,23 @@ void Compact(const float* acts, const float* thr, const int32_t* quota, const in
   }
 }
 
+// encode_histogram: encode, plus positive_histogram's level 0 of the result taken while each block is hot.
+void EncodeHistogram(const float* x, const float* w, const float* b, float* out, int32_t* hist, int64_t R,
+                     int64_t d, int64_t F) {
+  const int nt_max = omp_get_max_threads();
+  std::vector<int32_t> priv((int64_t)nt_max * kBins, 0);
+  ForRowBlocks(R, F, false, [&](int64_t r0, int64_t n, float*) {
+    EncodeBlock(x, w, b, r0, n, d, F, out + r0 * F);
+    HistogramLevel0(out + r0 * F, 0, n * F, priv.data() + (int64_t)omp_get_thread_num() * kBins);
+  });
+  const FpMode fp;
+#pragma omp parallel
+  {
+    FpScope scope(fp);
+    ReduceHistograms(priv, nt_max, kBins / 2, hist);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // FFI bindings. Shapes are checked by rank in the bindings; sizes come from the buffers.
 
@@ -672,7 +713,17 @@ ffi::Error ScatterRowsFfi(ffi::Buffer<ffi::S32, 1> row, ffi::Buffer<ffi::S32, 2>
   const auto id = idx.dimensions(), yd = y.dimensions(), od = out->dimensions();
   if (yd[1] != od[1]) return ffi::Error::InvalidArgument("scatter_rows: y and out differ in d");
   ScatterRows(row.typed_data(), idx.typed_data(), val.typed_data(), y.typed_data(), out->typed_data(), id[0],
-              id[1], yd[0], od[0], od[1]);
+              id[1], yd[0], od[0], od[1], false);
+  return ffi::Error::Success();
+}
+
+ffi::Error ScatterColsFfi(ffi::Buffer<ffi::S32, 1> row, ffi::Buffer<ffi::S32, 2> idx,
+                          ffi::Buffer<ffi::F32, 2> val, ffi::Buffer<ffi::F32, 2> y,
+                          ffi::ResultBuffer<ffi::F32, 2> out) {
+  const auto id = idx.dimensions(), yd = y.dimensions(), od = out->dimensions();
+  if (yd[1] != od[0]) return ffi::Error::InvalidArgument("scatter_cols: y and out differ in d");
+  ScatterRows(row.typed_data(), idx.typed_data(), val.typed_data(), y.typed_data(), out->typed_data(), id[0],
+              id[1], yd[0], od[1], od[0], true);
   return ffi::Error::Success();
 }
 
@@ -690,6 +741,16 @@ ffi::Error EncodeFfi(ffi::Buffer<ffi::F32, 2> x, ffi::Buffer<ffi::F32, 2> w, ffi
   if (xd[1] != wd[0] || b.dimensions()[0] != wd[1])
     return ffi::Error::InvalidArgument("encode: x [R, d], w [d, F] and b [F] disagree");
   Encode(x.typed_data(), w.typed_data(), b.typed_data(), out->typed_data(), xd[0], xd[1], wd[1]);
+  return ffi::Error::Success();
+}
+
+ffi::Error EncodeHistogramFfi(ffi::Buffer<ffi::F32, 2> x, ffi::Buffer<ffi::F32, 2> w, ffi::Buffer<ffi::F32, 1> b,
+                              ffi::ResultBuffer<ffi::F32, 2> out, ffi::ResultBuffer<ffi::S32, 1> hist) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd[1] != wd[0] || b.dimensions()[0] != wd[1] || hist->dimensions()[0] != kBins)
+    return ffi::Error::InvalidArgument("encode_histogram: x [R, d], w [d, F], b [F] and hist [65536] disagree");
+  EncodeHistogram(x.typed_data(), w.typed_data(), b.typed_data(), out->typed_data(), hist->typed_data(), xd[0],
+                  xd[1], wd[1]);
   return ffi::Error::Success();
 }
 
@@ -765,6 +826,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeScatterRows, ScatterRowsFfi,
                                   .Arg<F32Mat>()
                                   .Ret<F32Mat>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeScatterCols, ScatterColsFfi,
+                              ffi::Ffi::Bind()
+                                  .Arg<I32Vec>()
+                                  .Arg<I32Mat>()
+                                  .Arg<F32Mat>()
+                                  .Arg<F32Mat>()
+                                  .Ret<F32Mat>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeTopkRows, TopkRowsFfi,
                               ffi::Ffi::Bind()
                                   .Arg<F32Mat>()
@@ -774,6 +843,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeTopkRows, TopkRowsFfi,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeEncode, EncodeFfi,
                               ffi::Ffi::Bind().Arg<F32Mat>().Arg<F32Mat>().Arg<F32Vec>().Ret<F32Mat>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeEncodeHistogram, EncodeHistogramFfi,
+                              ffi::Ffi::Bind().Arg<F32Mat>().Arg<F32Mat>().Arg<F32Vec>().Ret<F32Mat>().Ret<I32Vec>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeEncodeTopk, EncodeTopkFfi,
                               ffi::Ffi::Bind()

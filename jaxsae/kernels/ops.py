@@ -76,7 +76,7 @@ def _selected_bwd(res, g):
     x, w_enc, b_enc, b_dec, row, idx = res
     n_latents = w_enc.shape[1]
     g = jnp.where(idx >= 0, g, 0.0)
-    d_w_enc = _call("scatter_rows", row, idx, g, x - b_dec, n_latents).T
+    d_w_enc = _call("scatter_cols", row, idx, g, x - b_dec, n_latents)
     d_b_enc = jnp.zeros(n_latents + 1, jnp.float32).at[jnp.where(idx >= 0, idx, n_latents)].add(g)[:-1]
     d_b_dec = -(w_enc.astype(jnp.float32) @ d_b_enc)
     pairs = ((d_w_enc, w_enc), (d_b_enc, b_enc), (d_b_dec, b_dec))
@@ -99,6 +99,12 @@ def fire_count(idx: jax.Array, fired: jax.Array, n_latents: int) -> jax.Array:
 def encode(x: jax.Array, w_enc: jax.Array, b_enc: jax.Array) -> jax.Array:
     """[b, F] float32 pre-activations x·W_enc + b_enc of centred rows x [b, d] (a constant: no gradient)."""
     return _call("encode", x, w_enc, b_enc)
+
+
+def encode_histogram(x: jax.Array, w_enc: jax.Array, b_enc: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(encode(...) [b, F], positive_histogram of it at level 0 [65536] int32): batchtopk's encoder with the
+    first pass of its radix select fused in (constants: no gradient)."""
+    return _call("encode_histogram", x, w_enc, b_enc)
 
 
 def encode_topk(x, w_enc, b_enc, k, mask, size: int, k_aux, mask_aux, size_aux: int):
@@ -135,15 +141,18 @@ def select_above(
     return _call("compact", acts, thr, quota, _exclusive_cumsum(n_row_chunks), n_chunks, size)
 
 
-def select_batchtopk(acts: jax.Array, k: jax.Array | int, k_max: int, data: str | None = None):
+def select_batchtopk(
+    acts: jax.Array, k: jax.Array | int, k_max: int, data: str | None = None, hist: jax.Array | None = None
+):
     """BatchTopK as chunked ELL: exactly k·B positive entries of the global batch (rows split over
     `data`; fewer when fewer are positive), ties by lower row-major global index, as
     jaxsae.selection.batchtopk_mask. Returns (row [C], idx [C, k_max], smallest kept value) with
-    C = b·(1 + data size): a row with n entries spans ceil(n / k_max) chunks, and Σ n ≤ k·B."""
+    C = b·(1 + data size): a row with n entries spans ceil(n / k_max) chunks, and Σ n ≤ k·B. `hist`:
+    positive_histogram(acts, 0, 0) if already computed (see encode_histogram)."""
     b, n_latents = acts.shape
     n_shards = lax.psum(1, data) if data else 1
     kb = jnp.asarray(k, jnp.int32) * b * n_shards
-    t_bits, need = _kth_largest_bits(acts, kb, data)
+    t_bits, need = _kth_largest_bits(acts, kb, data, hist)
     thr = jnp.full(n_latents, lax.bitcast_convert_type(t_bits, jnp.float32))
     n_above, n_equal = _call("row_counts", acts, thr)
     n_equal = jnp.where(t_bits > 0, n_equal, 0)  # with too few positives, zeros are not taken
@@ -160,11 +169,13 @@ def _earlier_shards(total: jax.Array, data: str | None) -> jax.Array:
     return jnp.sum(jnp.where(jnp.arange(totals.shape[0]) < axis_index(data), totals, 0))
 
 
-def _kth_largest_bits(acts: jax.Array, kb: jax.Array, data: str | None):
+def _kth_largest_bits(acts: jax.Array, kb: jax.Array, data: str | None, hist: jax.Array | None = None):
     """(bits of the kb-th largest positive value of the global batch, or 0 if fewer are positive;
     how many entries equal to it must be taken), by a two-level 16-bit radix select: two histogram
-    passes over the local entries, each followed by one psum of 65536 integers."""
-    at_least_hi = _at_least(_call("positive_histogram", acts, 0, 0), kb, data)
+    passes over the local entries (the first one skipped when `hist` is given), each followed by one
+    psum of 65536 integers."""
+    hist = _call("positive_histogram", acts, 0, 0) if hist is None else hist
+    at_least_hi = _at_least(hist, kb, data)
     hi = jnp.maximum(jnp.sum(at_least_hi >= kb) - 1, 0)
     above_hi = _next(at_least_hi, hi)
     at_least_lo = _at_least(_call("positive_histogram", acts, hi, 1), kb, data)

@@ -44,6 +44,11 @@ def scatter_rows(row: jax.Array, idx: jax.Array, val: jax.Array, y: jax.Array, n
     return out.at[flat_idx].add(contrib.reshape(-1, y.shape[1]))[:n_latents]
 
 
+def scatter_cols(row: jax.Array, idx: jax.Array, val: jax.Array, y: jax.Array, n_latents: int) -> jax.Array:
+    """[d, n_latents] float32: scatter_rows transposed (the encoder's gradient in W_enc's layout)."""
+    return scatter_rows(row, idx, val, y, n_latents).T
+
+
 def topk_rows(acts: jax.Array, k: jax.Array | int, mask: jax.Array, size: int) -> jax.Array:
     """idx [b, size] int32: per row, the k largest entries among latents with mask[f] and acts > 0
     (ties: lower latent id first), in ascending latent order, then -1. `k` ≤ `size` may be traced;
@@ -110,6 +115,12 @@ def compact(
 def encode(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
     """[R, F] float32 pre-activations x·w + b (x [R, d], w [d, F], b [F]; x is already centred)."""
     return x.astype(jnp.float32) @ w.astype(jnp.float32) + b.astype(jnp.float32)
+
+
+def encode_histogram(x: jax.Array, w: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(encode(x, w, b) [R, F], positive_histogram(that, 0, 0) [65536]): batchtopk's first radix pass."""
+    pre = encode(x, w, b)
+    return pre, positive_histogram(pre, 0, 0)
 
 
 def _values_at(acts: jax.Array, idx: jax.Array) -> jax.Array:
