@@ -145,7 +145,8 @@ def encode(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
 def encode_histogram(x: jax.Array, w: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(encode(x, w, b) [R, F], positive_histogram of it at level 0 [65536]), the histogram taken while
     each row block is in cache."""
-    out = (jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32), jax.ShapeDtypeStruct((65536,), jnp.int32))
+    pre = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
+    out = (pre, jax.ShapeDtypeStruct((65536,), jnp.int32))
     return tuple(_call("encode_histogram", out, _f32(x), _f32(w), _f32(b)))
 
 

@@ -569,6 +569,6 @@ def scatter_rows(
     return _custom_vmap(_scatter_rows, _scatter_rows_vmap, n_latents=n_latents, **static)(row, idx, val, y)
 
 
-def scatter_cols(row: jax.Array, idx: jax.Array, val: jax.Array, y: jax.Array, n_latents: int, **kw) -> jax.Array:
+def scatter_cols(row: jax.Array, idx: jax.Array, val: jax.Array, y: jax.Array, n_latents: int, **kw):
     """[d, n_latents] float32: scatter_rows transposed (XLA transposes; the encoder's gradient layout)."""
     return scatter_rows(row, idx, val, y, n_latents, **kw).T
