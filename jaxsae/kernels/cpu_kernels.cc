@@ -707,23 +707,15 @@ ffi::Error GatherDotFfi(ffi::Buffer<ffi::S32, 1> row, ffi::Buffer<ffi::S32, 2> i
   return ffi::Error::Success();
 }
 
-ffi::Error ScatterRowsFfi(ffi::Buffer<ffi::S32, 1> row, ffi::Buffer<ffi::S32, 2> idx,
-                          ffi::Buffer<ffi::F32, 2> val, ffi::Buffer<ffi::F32, 2> y,
-                          ffi::ResultBuffer<ffi::F32, 2> out) {
+// scatter_rows (out [F, d]) and scatter_cols (out [d, F]).
+template <bool kTransposed>
+ffi::Error ScatterFfi(ffi::Buffer<ffi::S32, 1> row, ffi::Buffer<ffi::S32, 2> idx, ffi::Buffer<ffi::F32, 2> val,
+                      ffi::Buffer<ffi::F32, 2> y, ffi::ResultBuffer<ffi::F32, 2> out) {
   const auto id = idx.dimensions(), yd = y.dimensions(), od = out->dimensions();
-  if (yd[1] != od[1]) return ffi::Error::InvalidArgument("scatter_rows: y and out differ in d");
+  const int64_t F = od[kTransposed ? 1 : 0], d = od[kTransposed ? 0 : 1];
+  if (yd[1] != d) return ffi::Error::InvalidArgument("scatter_rows / scatter_cols: y and out differ in d");
   ScatterRows(row.typed_data(), idx.typed_data(), val.typed_data(), y.typed_data(), out->typed_data(), id[0],
-              id[1], yd[0], od[0], od[1], false);
-  return ffi::Error::Success();
-}
-
-ffi::Error ScatterColsFfi(ffi::Buffer<ffi::S32, 1> row, ffi::Buffer<ffi::S32, 2> idx,
-                          ffi::Buffer<ffi::F32, 2> val, ffi::Buffer<ffi::F32, 2> y,
-                          ffi::ResultBuffer<ffi::F32, 2> out) {
-  const auto id = idx.dimensions(), yd = y.dimensions(), od = out->dimensions();
-  if (yd[1] != od[0]) return ffi::Error::InvalidArgument("scatter_cols: y and out differ in d");
-  ScatterRows(row.typed_data(), idx.typed_data(), val.typed_data(), y.typed_data(), out->typed_data(), id[0],
-              id[1], yd[0], od[1], od[0], true);
+              id[1], yd[0], F, d, kTransposed);
   return ffi::Error::Success();
 }
 
@@ -818,7 +810,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeGatherDot, GatherDotFfi,
                                   .Arg<F32Mat>()
                                   .Ret<F32Mat>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeScatterRows, ScatterRowsFfi,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeScatterRows, ScatterFfi<false>,
                               ffi::Ffi::Bind()
                                   .Arg<I32Vec>()
                                   .Arg<I32Mat>()
@@ -826,7 +818,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeScatterRows, ScatterRowsFfi,
                                   .Arg<F32Mat>()
                                   .Ret<F32Mat>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeScatterCols, ScatterColsFfi,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeScatterCols, ScatterFfi<true>,
                               ffi::Ffi::Bind()
                                   .Arg<I32Vec>()
                                   .Arg<I32Mat>()
