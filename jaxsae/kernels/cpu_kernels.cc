@@ -794,37 +794,22 @@ using BoolVec = ffi::Buffer<ffi::PRED, 1>;
 
 extern "C" void jaxsae_set_tile(int64_t tile) { g_tile = tile > 0 ? tile : 1 << 30; }
 
+// gather_sum, gather_dot, scatter_rows, scatter_cols: (row, idx, a float matrix, another) -> a float matrix.
+auto SparseProductBinding() {
+  return ffi::Ffi::Bind().Arg<I32Vec>().Arg<I32Mat>().Arg<F32Mat>().Arg<F32Mat>().Ret<F32Mat>();
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeGatherSum, GatherSumFfi,
-                              ffi::Ffi::Bind()
-                                  .Arg<I32Vec>()
-                                  .Arg<I32Mat>()
-                                  .Arg<F32Mat>()
-                                  .Arg<F32Mat>()
-                                  .Ret<F32Mat>());
+                              SparseProductBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeGatherDot, GatherDotFfi,
-                              ffi::Ffi::Bind()
-                                  .Arg<I32Vec>()
-                                  .Arg<I32Mat>()
-                                  .Arg<F32Mat>()
-                                  .Arg<F32Mat>()
-                                  .Ret<F32Mat>());
+                              SparseProductBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeScatterRows, ScatterFfi<false>,
-                              ffi::Ffi::Bind()
-                                  .Arg<I32Vec>()
-                                  .Arg<I32Mat>()
-                                  .Arg<F32Mat>()
-                                  .Arg<F32Mat>()
-                                  .Ret<F32Mat>());
+                              SparseProductBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeScatterCols, ScatterFfi<true>,
-                              ffi::Ffi::Bind()
-                                  .Arg<I32Vec>()
-                                  .Arg<I32Mat>()
-                                  .Arg<F32Mat>()
-                                  .Arg<F32Mat>()
-                                  .Ret<F32Mat>());
+                              SparseProductBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeTopkRows, TopkRowsFfi,
                               ffi::Ffi::Bind()
