@@ -345,6 +345,17 @@ void ScatterRows(const int32_t* row, const int32_t* idx, const float* val, const
 // topk_rows. A key orders entries like lax.top_k: larger value first, then lower latent id first.
 inline uint64_t Key(uint32_t bits, int64_t f) { return ((uint64_t)bits << 32) | (uint32_t)(0xFFFFFFFFu - f); }
 
+// Of n candidate keys, writes the ids of the k best to out ascending, then -1 up to `size`.
+void KeepBest(uint64_t* cand, int64_t n, int64_t k, int64_t size, int32_t* out) {
+  if (n > k) {
+    std::nth_element(cand, cand + (k - 1), cand + n, std::greater<uint64_t>());
+    n = k;
+  }
+  for (int64_t q = 0; q < n; ++q) out[q] = (int32_t)(0xFFFFFFFFu - (uint32_t)cand[q]);
+  std::sort(out, out + n);
+  std::fill(out + n, out + size, -1);
+}
+
 // Per-row scratch: the masked bit patterns (0 = not a candidate), block maxima, candidate keys.
 struct TopkScratch {
   std::vector<int32_t> bits, block_max;
@@ -401,13 +412,7 @@ void TopkRow(const float* __restrict a, const uint8_t* __restrict mask, int64_t 
       n += m[x] >= t;
     }
   }
-  if (n > k) {
-    std::nth_element(cand, cand + (k - 1), cand + n, std::greater<uint64_t>());
-    n = k;
-  }
-  for (int64_t q = 0; q < n; ++q) out[q] = (int32_t)(0xFFFFFFFFu - (uint32_t)cand[q]);
-  std::sort(out, out + n);
-  std::fill(out + n, out + size, -1);
+  KeepBest(cand, n, k, size, out);
 }
 
 // One row when few latents are allowed (aux-k's dead latents): visit only `ids` instead of all F.
@@ -421,13 +426,7 @@ void TopkRowFew(const float* __restrict a, const int64_t* ids, int64_t n_ids, in
     cand[n] = Key(b, f);
     n += a[f] > 0.0f;
   }
-  if (n > k) {
-    std::nth_element(cand, cand + (k - 1), cand + n, std::greater<uint64_t>());
-    n = k;
-  }
-  for (int64_t q = 0; q < n; ++q) out[q] = (int32_t)(0xFFFFFFFFu - (uint32_t)cand[q]);
-  std::sort(out, out + n);
-  std::fill(out + n, out + size, -1);
+  KeepBest(cand, n, k, size, out);
 }
 
 // Per-row top-k among the latents of a mask: scans the row, or visits only the allowed ids when few.
