@@ -48,6 +48,11 @@ def unit_rows(w: jax.Array) -> jax.Array:
     return w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), 1e-12)
 
 
+def project_out_parallel(w_dec: jax.Array, grad: jax.Array) -> jax.Array:
+    """Removes from each gradient row its component along the (unit) decoder row."""
+    return grad - jnp.sum(grad * w_dec, axis=-1, keepdims=True) * w_dec
+
+
 def geometric_median(x: jax.Array, iters: int = 32) -> jax.Array:
     """Weiszfeld's geometric median of rows of `x` [N, d]; robust to a few huge rows."""
     x = jnp.asarray(x, jnp.float32)

@@ -15,14 +15,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jaxsae import sae, sparse_loss
-from jaxsae.config import ConfigError, RunConfig, SAEConfig, TrainConfig
+from jaxsae import optimizer, sae, sparse_loss
+from jaxsae.config import ConfigError, RunConfig, SAEConfig
 from jaxsae.losses import Axes, LossHParams, LossOut, sae_loss
-from jaxsae.selection import DATA, MODEL, SAE
+from jaxsae.optimizer import learning_rate, make_optimizer
+from jaxsae.selection import DATA, MODEL, SAE, psum
 from jaxsae.sharding import BATCH, named, params_specs, state_shardings
 from jaxsae.sparse_loss import SPARSE_ARCHITECTURES, sparse_sae_loss
 
@@ -37,24 +37,6 @@ class TrainState(NamedTuple):
     step: jax.Array
     input_scale: jax.Array
     layer: jax.Array
-
-
-def learning_rate(tc: TrainConfig, step: jax.Array) -> jax.Array:
-    """Linear warm-up over `warmup_steps`, constant, then linear decay to 0 over the last
-    `decay_fraction` of the steps."""
-    step = jnp.asarray(step, jnp.float32)
-    warm = jnp.minimum(1.0, (step + 1) / max(tc.warmup_steps, 1))
-    decay_steps = max(int(tc.steps * tc.decay_fraction), 1)
-    decay = jnp.clip((tc.steps - step) / decay_steps, 0.0, 1.0)
-    return tc.lr * warm * decay
-
-
-def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    """Adam with the schedule above, optionally after global-norm clipping (per SAE)."""
-    adam = optax.adam(lambda s: learning_rate(tc, s), b1=tc.adam_b1, b2=tc.adam_b2)
-    if tc.max_grad_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(tc.max_grad_norm), adam)
-    return adam
 
 
 def trainable(params: dict) -> dict:
@@ -110,11 +92,6 @@ def loss_hparams(cfg: RunConfig, k: jax.Array, step: jax.Array) -> LossHParams:
     )
 
 
-def project_out_parallel(w_dec: jax.Array, grad: jax.Array) -> jax.Array:
-    """Removes from each gradient row its component along the (unit) decoder row."""
-    return grad - jnp.sum(grad * w_dec, axis=-1, keepdims=True) * w_dec
-
-
 def update_threshold(cfg: SAEConfig, threshold: jax.Array, smallest: jax.Array, step: jax.Array) -> jax.Array:
     """batchtopk's inference threshold: from `threshold_start_step`, an EMA of the smallest kept value
     (the first value taken as is)."""
@@ -139,7 +116,10 @@ def sharded_loss(cfg: RunConfig, mesh: Mesh):
     """`loss(trainable, frozen, x, dead, hp, scale, layer) -> (Σ of the SAEs' losses, LossOut of [S] leaves)`,
     the per-device work under shard_map and vmapped over the SAEs a device holds."""
     k_max = max(cfg.sae_ks())
-    axes = Axes(DATA, MODEL)
+    # On one device there is nothing to map: no shard_map, no collectives. (Under shard_map the
+    # gradient's psum over a data axis of size 1 is still an all-reduce that copies every gradient.)
+    one_device = mesh.devices.size == 1
+    axes = Axes() if one_device else Axes(DATA, MODEL)
 
     def one_sae(loss_fn, p, fixed, x, dead, hp, scale, layer, *precomputed):
         return loss_fn(cfg.sae, {**p, **fixed}, x[layer] * scale, dead, hp, k_max, axes, *precomputed)
@@ -153,7 +133,7 @@ def sharded_loss(cfg: RunConfig, mesh: Mesh):
         near its thresholds than the codes hold): then the dense loss. One branch runs, not both."""
         args = (p, fixed, x, dead, hp, scale, layer)
         sel = selections(*args)
-        inexact = jax.lax.psum(jnp.sum(~sel.exact, dtype=jnp.int32), (DATA, MODEL)) > 0
+        inexact = psum(jnp.sum(~sel.exact, dtype=jnp.int32), tuple(filter(None, axes))) > 0
         return jax.lax.cond(inexact, lambda: dense(*args), lambda: sparse(*args, sel))
 
     def sparse_only(*args):
@@ -166,6 +146,9 @@ def sharded_loss(cfg: RunConfig, mesh: Mesh):
     out_specs = (P(SAE), LossOut(P(SAE, MODEL), P(SAE), P(SAE)))
 
     def loss(p, fixed, x, dead, hp, scale, layer):
+        if one_device:
+            losses, out = per_device(p, fixed, x, dead, hp, scale, layer)
+            return losses.sum(), out
         in_specs = (params_specs(p), params_specs(fixed), BATCH, P(SAE, MODEL), P(SAE), P(SAE), P(SAE))
         mapped = jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
         losses, out = mapped(p, fixed, x, dead, hp, scale, layer)
@@ -182,35 +165,26 @@ def finite_per_sae(loss: jax.Array, grads: dict) -> jax.Array:
     return ok
 
 
-def keep_where_finite(ok: jax.Array, new: TrainState, old: TrainState) -> TrainState:
-    """`new` for the SAEs whose update is finite (`ok` [S] bool); for the others `old` unchanged but for
-    the step count, which advances (the batch is consumed either way). Elementwise selects; the step
-    runs them only when some update is not finite, and without a host sync (the loop reads `nonfinite`
-    one step behind)."""
-
-    def pick(n: jax.Array, o: jax.Array) -> jax.Array:
-        return jnp.where(ok.reshape(ok.shape + (1,) * (n.ndim - 1)), n, o)
-
-    return jax.tree.map(pick, new, old)._replace(step=new.step)
-
-
-def _apply_update(cfg: RunConfig, opt, state: TrainState, grads: dict, out: LossOut, rows: int) -> TrainState:
-    """The state after one Adam step on `grads` (decoder gradients projected, decoder rows renormalised),
-    with batchtopk's threshold and the firing statistics of `out` (`rows` tokens per SAE) updated."""
-    params = trainable(state.params)
-    grads = dict(grads, W_dec=project_out_parallel(params["W_dec"], grads["W_dec"]))
-    updates, opt_state = jax.vmap(opt.update)(grads, state.opt_state, params)
-    new_params = {**optax.apply_updates(params, updates), **frozen(state.params)}
-    new_params["W_dec"] = sae.unit_rows(new_params["W_dec"])
-    if "threshold" in new_params:
+def _apply_update(
+    cfg: RunConfig, mesh: Mesh, state: TrainState, grads: dict, out: LossOut, rows: int, ok: jax.Array
+) -> TrainState:
+    """The state after one Adam step on `grads` (jaxsae.optimizer.update: decoder gradients projected,
+    decoder rows renormalised), with batchtopk's threshold and the firing statistics of `out` (`rows`
+    tokens per SAE) updated. An SAE whose update is not finite (`ok` [S] False) keeps its state but for
+    the step count, which advances (the batch is consumed either way)."""
+    params, opt_state = optimizer.update(cfg.train, mesh, trainable(state.params), grads, state.opt_state, ok)
+    fixed = frozen(state.params)
+    if "threshold" in fixed:
         update = jax.vmap(partial(update_threshold, cfg.sae))
-        new_params["threshold"] = update(new_params["threshold"], out.smallest_kept, state.step)
+        threshold = update(fixed["threshold"], out.smallest_kept, state.step)
+        fixed["threshold"] = optimizer.per_sae(ok, threshold, fixed["threshold"])
     tokens = jnp.minimum(state.tokens_since_fired + rows, _TOKENS_CAP)
+    tokens = jnp.where(out.fire_count > 0, 0, tokens)
     return TrainState(
-        params=new_params,
+        params={**params, **fixed},
         opt_state=opt_state,
-        tokens_since_fired=jnp.where(out.fire_count > 0, 0, tokens),
-        fire_count=state.fire_count + out.fire_count,
+        tokens_since_fired=optimizer.per_sae(ok, tokens, state.tokens_since_fired),
+        fire_count=optimizer.per_sae(ok, state.fire_count + out.fire_count, state.fire_count),
         step=state.step + 1,
         input_scale=state.input_scale,
         layer=state.layer,
@@ -220,9 +194,8 @@ def _apply_update(cfg: RunConfig, opt, state: TrainState, grads: dict, out: Loss
 def make_train_step(cfg: RunConfig, mesh: Mesh, state: TrainState):
     """The jitted step `(state, x [L, B, d_in] raw, ks [S] int32) -> (state, metrics of [S] leaves)`;
     `state` (arrays or ShapeDtypeStructs) gives the structure for the shardings. Donates `state`.
-    An SAE whose loss or gradient is not finite keeps its state (see `keep_where_finite`); its
+    An SAE whose loss or gradient is not finite keeps its state (see `_apply_update`); its
     `metrics["nonfinite"]` is True."""
-    opt = make_optimizer(cfg.train)
     loss = sharded_loss(cfg, mesh)
 
     def step(state: TrainState, x: jax.Array, ks: jax.Array) -> tuple[TrainState, dict]:
@@ -239,15 +212,7 @@ def make_train_step(cfg: RunConfig, mesh: Mesh, state: TrainState):
             lr=jax.vmap(partial(learning_rate, cfg.train))(state.step),
             nonfinite=~ok,
         )
-
-        def apply(state: TrainState) -> TrainState:
-            return _apply_update(cfg, opt, state, grads, out, x.shape[1])
-
-        def apply_where_finite(state: TrainState) -> TrainState:
-            return keep_where_finite(ok, apply(state), state)
-
-        # The select against the old state costs a pass over it: only when some update is not finite.
-        return jax.lax.cond(jnp.all(ok), apply, apply_where_finite, state), metrics
+        return _apply_update(cfg, mesh, state, grads, out, x.shape[1], ok), metrics
 
     shardings = state_shardings(state, mesh)
     return jax.jit(

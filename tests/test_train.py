@@ -7,8 +7,9 @@ import pytest
 
 from jaxsae.config import DataConfig, MeshConfig, RunConfig, SAEConfig, TrainConfig
 from jaxsae.evaluate import evaluate
+from jaxsae.sae import project_out_parallel
 from jaxsae.sharding import make_mesh
-from jaxsae.step import init_states, learning_rate, make_train_step, project_out_parallel, update_threshold
+from jaxsae.step import init_states, learning_rate, make_train_step, update_threshold
 from jaxsae.synthetic import atoms_recovered, planted_dictionary, planted_rows
 from jaxsae.train import train
 

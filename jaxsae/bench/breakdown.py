@@ -24,8 +24,8 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import optax
 
+from jaxsae import optimizer as optim
 from jaxsae import sae, sparse_loss
 from jaxsae.bench import timing
 from jaxsae.config import RunConfig
@@ -35,8 +35,6 @@ from jaxsae.step import (
     TrainState,
     frozen,
     loss_hparams,
-    make_optimizer,
-    project_out_parallel,
     sharded_loss,
     trainable,
     use_sparse_kernels,
@@ -117,17 +115,18 @@ def forward_backward(ctx: Ctx) -> tuple[Callable, tuple]:
 
 
 def optimizer(ctx: Ctx) -> tuple[Callable, tuple]:
-    opt = make_optimizer(ctx.cfg.train)
-    params = trainable(ctx.state.params)
+    """The step's optimiser update (jaxsae.optimizer.update), on copies of the params and Adam state
+    that it donates and replaces call after call, as the step does (in place)."""
     grads, _ = forward_backward(ctx)[0](*_loss_args(ctx))
+    ok = jnp.ones(ctx.state.step.shape, bool)
+    update = jax.jit(partial(optim.update, ctx.cfg.train, ctx.mesh), donate_argnums=(0, 2))
+    box = [jax.tree.map(jnp.copy, (trainable(ctx.state.params), ctx.state.opt_state))]
 
-    def update(grads, opt_state, params):
-        grads = dict(grads, W_dec=project_out_parallel(params["W_dec"], grads["W_dec"]))
-        updates, opt_state = jax.vmap(opt.update)(grads, opt_state, params)
-        new = optax.apply_updates(params, updates)
-        return dict(new, W_dec=sae.unit_rows(new["W_dec"])), opt_state
+    def step(grads):
+        box[0] = update(box[0][0], grads, box[0][1], ok)
+        return box[0]
 
-    return jax.jit(update), (grads, ctx.state.opt_state, params)
+    return step, (grads,)
 
 
 def _sparse_select(ctx: Ctx) -> tuple[Callable, tuple]:

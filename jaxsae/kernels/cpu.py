@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsae.kernels import build
+from jaxsae.kernels import build, reference
 
 _log = logging.getLogger(__name__)
 
@@ -34,6 +34,8 @@ _TARGETS = {
     "encode": "JaxsaeEncode",
     "encode_topk": "JaxsaeEncodeTopk",
     "encode_histogram": "JaxsaeEncodeHistogram",
+    "adam": "JaxsaeAdam",
+    "adam_rows": "JaxsaeAdamRows",
 }
 
 
@@ -171,3 +173,23 @@ def encode_topk(
     )
     mask, mask_aux = jnp.asarray(mask, jnp.bool_), jnp.asarray(mask_aux, jnp.bool_)
     return tuple(_call("encode_topk", out, _f32(x), _f32(w), _f32(b), mask, _i32(k), mask_aux, _i32(k_aux)))
+
+
+def adam(
+    param: jax.Array,
+    mu: jax.Array,
+    nu: jax.Array,
+    grad: jax.Array,
+    hyper: jax.Array,
+    flags: jax.Array,
+    rows: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """As `reference.adam`, in one pass over the four arrays, writing param, mu and nu in place (their
+    buffers are aliased to the results). float32 [S, R, C] leaves only; others run the reference."""
+    if param.ndim != 3 or any(a.dtype != jnp.float32 for a in (param, mu, nu, grad)):
+        return reference.adam(param, mu, nu, grad, hyper, flags, rows)
+    _library()
+    out = (jax.ShapeDtypeStruct(param.shape, jnp.float32),) * 3
+    name = "jaxsae_adam_rows" if rows else "jaxsae_adam"
+    call = jax.ffi.ffi_call(name, out, input_output_aliases={0: 0, 1: 1, 2: 2})
+    return tuple(call(param, mu, nu, grad, _f32(hyper), _i32(flags)))

@@ -11,6 +11,8 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
+#include <utility>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -782,6 +784,85 @@ ffi::Error CompactFfi(ffi::Buffer<ffi::F32, 2> acts, ffi::Buffer<ffi::F32, 1> th
   return ffi::Error::Success();
 }
 
+// Adam's hyper-parameters of one SAE, as jaxsae.kernels.reference.adam lays them out.
+struct AdamHyper {
+  float step_size, b1, one_minus_b1, b2, one_minus_b2, bc1, bc2, eps, g_norm, max_norm;
+};
+constexpr int64_t kAdamHyper = 10;
+
+// optax's clip_by_global_norm (when kClip) -> scale_by_adam -> scale_by_schedule -> apply_updates on one
+// element, in optax's float32 operation order.
+template <bool kClip>
+inline void AdamElement(float& p, float& m, float& v, float g, const AdamHyper& h) {
+  if (kClip) g = (g / h.g_norm) * h.max_norm;
+  m = h.one_minus_b1 * g + h.b1 * m;
+  v = h.one_minus_b2 * (g * g) + h.b2 * v;
+  p = p + h.step_size * ((m / h.bc1) / (std::sqrt(v / h.bc2) + h.eps));
+}
+
+// One row of W_dec [F, d]: the gradient's component along the (unit) row removed, Adam, the row
+// renormalised (jaxsae.step.project_out_parallel, optax, jaxsae.sae.unit_rows).
+template <bool kClip>
+void AdamRow(float* p, float* m, float* v, const float* g, int64_t d, const AdamHyper& h) {
+  float dot = 0.0f;
+  for (int64_t j = 0; j < d; ++j) dot += g[j] * p[j];
+  for (int64_t j = 0; j < d; ++j) AdamElement<kClip>(p[j], m[j], v[j], g[j] - dot * p[j], h);
+  float ss = 0.0f;
+  for (int64_t j = 0; j < d; ++j) ss += p[j] * p[j];
+  const float norm = std::max(std::sqrt(ss), 1e-12f);
+  for (int64_t j = 0; j < d; ++j) p[j] = p[j] / norm;
+}
+
+// Adam in place over S SAEs' [R, C] slices; flags [S, 2] = (update is finite, clip). An SAE whose update
+// is not finite keeps its values. `rows`: W_dec's row projection and renormalisation.
+void Adam(float* p, float* m, float* v, const float* g, const float* hyper, const int32_t* flags, int64_t S,
+          int64_t R, int64_t C, bool rows) {
+  for (int64_t s = 0; s < S; ++s) {
+    if (!flags[2 * s]) continue;
+    AdamHyper h;
+    std::memcpy(&h, hyper + s * kAdamHyper, sizeof(h));
+    const bool clip = flags[2 * s + 1] != 0;
+    const int64_t off = s * R * C;
+    float *ps = p + off, *ms = m + off, *vs = v + off;
+    const float* gs = g + off;
+    if (rows) {
+#pragma omp parallel for schedule(static)
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t o = r * C;
+        clip ? AdamRow<true>(ps + o, ms + o, vs + o, gs + o, C, h) : AdamRow<false>(ps + o, ms + o, vs + o, gs + o, C, h);
+      }
+    } else {
+      const int64_t n = R * C;
+#pragma omp parallel for schedule(static)
+      for (int64_t i = 0; i < n; ++i)
+        clip ? AdamElement<true>(ps[i], ms[i], vs[i], gs[i], h) : AdamElement<false>(ps[i], ms[i], vs[i], gs[i], h);
+    }
+  }
+}
+
+using F32Cube = ffi::Buffer<ffi::F32, 3>;
+
+// (param, mu, nu, grad [S, R, C], hyper [S, 10], flags [S, 2]) -> (param, mu, nu), meant to alias the inputs.
+template <bool kRows>
+ffi::Error AdamFfi(F32Cube p, F32Cube m, F32Cube v, F32Cube g, ffi::Buffer<ffi::F32, 2> hyper,
+                   ffi::Buffer<ffi::S32, 2> flags, ffi::ResultBuffer<ffi::F32, 3> p_out,
+                   ffi::ResultBuffer<ffi::F32, 3> m_out, ffi::ResultBuffer<ffi::F32, 3> v_out) {
+  const auto pd = p.dimensions();
+  const int64_t S = pd[0], n = p.element_count();
+  if (m.element_count() != n || v.element_count() != n || g.element_count() != n ||
+      hyper.dimensions()[0] != S || hyper.dimensions()[1] != kAdamHyper || flags.dimensions()[0] != S)
+    return ffi::Error::InvalidArgument("adam: param, mu, nu, grad [S, R, C], hyper [S, 10], flags [S, 2] disagree");
+  // Unaliased outputs (XLA could not reuse the inputs) start as copies of them.
+  const std::pair<const float*, float*> pairs[] = {{p.typed_data(), p_out->typed_data()},
+                                                   {m.typed_data(), m_out->typed_data()},
+                                                   {v.typed_data(), v_out->typed_data()}};
+  for (auto [in, out] : pairs)
+    if (in != out) std::memcpy(out, in, n * sizeof(float));
+  Adam(p_out->typed_data(), m_out->typed_data(), v_out->typed_data(), g.typed_data(), hyper.typed_data(),
+       flags.typed_data(), S, pd[1], pd[2], kRows);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Aliases: template commas would split the arguments of the binding macros.
@@ -859,3 +940,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeCompact, CompactFfi,
                                   .Arg<I32Vec>()
                                   .Ret<I32Vec>()
                                   .Ret<I32Mat>());
+
+// adam (elementwise) and adam_rows (W_dec: row projection and renormalisation).
+auto AdamBinding() {
+  return ffi::Ffi::Bind()
+      .Arg<F32Cube>()
+      .Arg<F32Cube>()
+      .Arg<F32Cube>()
+      .Arg<F32Cube>()
+      .Arg<F32Mat>()
+      .Arg<I32Mat>()
+      .Ret<F32Cube>()
+      .Ret<F32Cube>()
+      .Ret<F32Cube>();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeAdam, AdamFfi<false>, AdamBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeAdamRows, AdamFfi<true>, AdamBinding());

@@ -15,6 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxsae.sae import project_out_parallel, unit_rows
+
 
 def _rows_of(w: jax.Array, idx: jax.Array) -> jax.Array:
     """w[idx] [C, K, d] with zero rows for empty slots."""
@@ -145,3 +147,35 @@ def encode_topk(
     idx = topk_rows(pre, k, mask, size)
     aux_idx = topk_rows(pre, k_aux, mask_aux, size_aux)
     return idx, _values_at(pre, idx), aux_idx, _values_at(pre, aux_idx)
+
+
+ADAM_HYPER = (
+    "step_size", "b1", "one_minus_b1", "b2", "one_minus_b2", "bc1", "bc2", "eps", "g_norm", "max_norm"
+)
+
+
+def adam(
+    param: jax.Array,
+    mu: jax.Array,
+    nu: jax.Array,
+    grad: jax.Array,
+    hyper: jax.Array,
+    flags: jax.Array,
+    rows: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One Adam step of S SAEs as optax's clip_by_global_norm -> scale_by_adam -> scale_by_schedule ->
+    apply_updates, in its float32 operation order: (param, mu, nu) after it. param, mu, nu, grad [S, ...]
+    float32; hyper [S, 10] float32 in the order of ADAM_HYPER (bc = 1 − b^count, step_size = −lr); flags
+    [S, 2] int32: (the update is finite, clip: grad · max_norm / g_norm). An SAE whose update is not finite
+    keeps its values. rows: param is W_dec [S, F, d]: the gradient's component along each (unit) row is
+    removed first and the rows are renormalised after."""
+    shape = (-1,) + (1,) * (param.ndim - 1)
+    h = dict(zip(ADAM_HYPER, (hyper[:, i].reshape(shape) for i in range(len(ADAM_HYPER))), strict=True))
+    ok, clip = (flags[:, i].reshape(shape) != 0 for i in (0, 1))
+    g = project_out_parallel(param, grad) if rows else grad
+    g = jnp.where(clip, (g / h["g_norm"]) * h["max_norm"], g)
+    m = h["one_minus_b1"] * g + h["b1"] * mu
+    v = h["one_minus_b2"] * (g * g) + h["b2"] * nu
+    p = param + h["step_size"] * ((m / h["bc1"]) / (jnp.sqrt(v / h["bc2"]) + h["eps"]))
+    p = unit_rows(p) if rows else p
+    return tuple(jnp.where(ok, new, old) for new, old in ((p, param), (m, mu), (v, nu)))
