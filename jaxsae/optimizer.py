@@ -17,11 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from jaxsae.config import TrainConfig
 from jaxsae.kernels import kernel, reference
 from jaxsae.sae import project_out_parallel
-from jaxsae.selection import DATA
+from jaxsae.selection import DATA, SAE
 from jaxsae.sharding import param_spec
 
 ADAM_EPS = 1e-8  # optax.adam's default
@@ -100,28 +101,40 @@ def _leaf_update(mesh: Mesh, name: str, hyper: jax.Array, flags: jax.Array):
         return lambda p, m, v, g: kernel("adam")(p, m, v, g, hyper, flags, rows)
     if mesh.shape[DATA] > 1:
         return lambda p, m, v, g: reference.adam(p, m, v, g, hyper, flags, rows)
-    spec, per_sae = param_spec(name), param_spec("b_dec")[:1]
+    spec, per_sae = param_spec(name), P(SAE)
     specs = dict(in_specs=(spec,) * 4 + (per_sae, per_sae), out_specs=(spec,) * 3)
     per_shard = lambda p, m, v, g, h, f: kernel("adam")(p, m, v, g, h, f, rows)  # noqa: E731
-    mapped = jax.shard_map(per_shard, mesh=mesh, **specs)
+    # The kernel's custom call carries no device-variance type; its results vary as `spec` says.
+    mapped = jax.shard_map(per_shard, mesh=mesh, **specs, check_vma=False)
     return lambda p, m, v, g: mapped(p, m, v, g, hyper, flags)
+
+
+def moments(tc: TrainConfig, opt_state: Any) -> tuple[dict, dict]:
+    """(mu, nu): Adam's moments by parameter name."""
+    adam, _ = _adam_states(tc, opt_state)
+    return adam.mu, adam.nu
+
+
+def assemble(tc: TrainConfig, opt_state: Any, new: dict, ok: jax.Array) -> tuple[dict, Any]:
+    """(params, opt_state) from `new` (name -> (param, mu, nu) after the step, for every trainable
+    name): optax's state with both counts advanced for the SAEs whose update is finite (`ok` [S])."""
+    adam, schedule = _adam_states(tc, opt_state)
+    counts = (optax.safe_increment(adam.count), optax.safe_increment(schedule.count))
+    counts = [per_sae(ok, c, old) for c, old in zip(counts, (adam.count, schedule.count), strict=True)]
+    states = (
+        adam._replace(
+            count=counts[0], mu={n: v[1] for n, v in new.items()}, nu={n: v[2] for n, v in new.items()}
+        ),
+        schedule._replace(count=counts[1]),
+    )
+    return {n: v[0] for n, v in new.items()}, _with_adam_states(tc, opt_state, states)
 
 
 def update(tc: TrainConfig, mesh: Mesh, params: dict, grads: dict, opt_state: Any, ok: jax.Array):
     """(params, opt_state) after one step of `make_optimizer(tc)` on `grads`, for S SAEs ([S, ...] leaves,
     `ok` [S] bool: an SAE whose update is not finite keeps its params and state, counts included). The
     W_dec gradient is projected off the decoder rows first and the rows renormalised after."""
-    adam, schedule = _adam_states(tc, opt_state)
+    mu, nu = moments(tc, opt_state)
     h, flags = hyper(tc, opt_state, params, grads, ok)
-    new = {name: _leaf_update(mesh, name, h, flags)(p, adam.mu[name], adam.nu[name], grads[name])
-           for name, p in params.items()}
-    counts = (optax.safe_increment(adam.count), optax.safe_increment(schedule.count))
-    counts = [per_sae(ok, c, old) for c, old in zip(counts, (adam.count, schedule.count), strict=True)]
-    states = (
-        adam._replace(count=counts[0],
-            mu={n: v[1] for n, v in new.items()},
-            nu={n: v[2] for n, v in new.items()},
-        ),
-        schedule._replace(count=counts[1]),
-    )
-    return {n: v[0] for n, v in new.items()}, _with_adam_states(tc, opt_state, states)
+    new = {n: _leaf_update(mesh, n, h, flags)(p, mu[n], nu[n], grads[n]) for n, p in params.items()}
+    return assemble(tc, opt_state, new, ok)

@@ -47,6 +47,24 @@ class Selection(NamedTuple):
     exact: jax.Array
 
 
+class Taps(NamedTuple):
+    """Zeros added to the outputs of the sparse products whose gradients reach W_dec and W_enc (the
+    decodes [b, d] and the pre-activations at the slots [C, K], of the codes and of aux-k's): the
+    gradient of the loss with respect to them is what the scatters of W_dec's and W_enc's gradients
+    read (see jaxsae.fused_step)."""
+
+    main: jax.Array
+    aux: jax.Array
+    pre: jax.Array
+    aux_pre: jax.Array
+
+
+def zero_taps(sel: Selection, x: jax.Array) -> Taps:
+    """Taps of the selection `sel` on rows x [b, d]."""
+    rows = jnp.zeros(x.shape, jnp.float32)
+    return Taps(rows, rows, jnp.zeros(sel.pre.shape, jnp.float32), jnp.zeros(sel.aux_pre.shape, jnp.float32))
+
+
 def select(
     cfg: SAEConfig, params: Params, x: jax.Array, dead: jax.Array, hp: LossHParams, k_max: int,
     axes: Axes = ONE_DEVICE,
@@ -96,25 +114,29 @@ def sparse_sae_loss(
     k_max: int,
     axes: Axes = ONE_DEVICE,
     selection: Selection | None = None,
+    taps: Taps | None = None,
 ) -> tuple[jax.Array, LossOut]:
     """Same contract as jaxsae.losses.sae_loss (where `selection.exact`); a `model` axis, if named, must
     have size 1. `selection`: the codes from `select`, if already chosen (the step does, to decide
-    between this loss and the dense one)."""
+    between this loss and the dense one). `taps`: zeros added where W_dec's and W_enc's gradients are
+    read (their gradients are those inputs of the scatters)."""
     if axes.model is not None and lax.axis_size(axes.model) != 1:
         raise ValueError("the sparse loss needs unsplit latents (mesh model axis of size 1)")
     b, n_latents = x.shape[0], params["W_enc"].shape[1]
     n_rows = psum(b, axes.data)
     sel = select(cfg, params, x, dead, hp, k_max, axes) if selection is None else selection
     row, idx = sel.row, sel.idx
-    pre = ops.selected_pre(sel.pre, x, params["W_enc"], params["b_enc"], params["b_dec"], row, idx)
+    taps = Taps(0.0, 0.0, 0.0, 0.0) if taps is None else taps
+    pre = ops.selected_pre(sel.pre, x, params["W_enc"], params["b_enc"], params["b_dec"], row, idx) + taps.pre
     codes, sparsity = _codes(cfg, params, pre, idx)
-    x_hat = ops.decode(row, idx, codes, params["W_dec"], b) + params["b_dec"]
+    x_hat = ops.decode(row, idx, codes, params["W_dec"], b) + taps.main + params["b_dec"]
     err = x - x_hat
     recon = psum(jnp.sum(err**2), axes.data) / n_rows
     sparsity = hp.sparsity_coefficient * psum(sparsity, axes.data) / n_rows
     aux = jnp.zeros(())
     if cfg.architecture != "jumprelu":
-        aux = hp.aux_k_coefficient * sparse_aux_k_loss(params, sel, x, lax.stop_gradient(err), dead, axes)
+        residual = lax.stop_gradient(err)
+        aux = hp.aux_k_coefficient * sparse_aux_k_loss(params, sel, x, residual, dead, axes, taps)
     loss = recon + sparsity + aux
     fired = codes != 0
     metrics = reconstruction_metrics(x, x_hat, jnp.sum(fired, dtype=jnp.float32), axes)
@@ -178,11 +200,11 @@ def _pmean(axis: str | None, v: jax.Array) -> jax.Array:
 
 
 def sparse_aux_k_loss(
-    params: Params, sel: Selection, x: jax.Array, residual: jax.Array, dead: jax.Array, axes: Axes
+    params: Params, sel: Selection, x: jax.Array, residual: jax.Array, dead: jax.Array, axes: Axes, taps: Taps
 ) -> jax.Array:
     """jaxsae.losses.aux_k_loss with the k_aux largest dead latents of each row (`sel`'s aux codes)."""
     row, idx = sel.aux_row, sel.aux_idx
     pre = ops.selected_pre(sel.aux_pre, x, params["W_enc"], params["b_enc"], params["b_dec"], row, idx)
-    aux_hat = ops.decode(row, idx, jax.nn.relu(pre), params["W_dec"], x.shape[0])
+    aux_hat = ops.decode(row, idx, jax.nn.relu(pre + taps.aux_pre), params["W_dec"], x.shape[0]) + taps.aux
     loss = psum(jnp.sum((residual - aux_hat) ** 2), axes.data) / total_variance(residual, axes)
     return jnp.where(jnp.sum(dead) > 0, loss, 0.0)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jaxsae import optimizer, sae, sparse_loss
+from jaxsae import fused_step, optimizer, sae, sparse_loss
 from jaxsae.config import ConfigError, RunConfig, SAEConfig
 from jaxsae.losses import Axes, LossHParams, LossOut, sae_loss
 from jaxsae.optimizer import learning_rate, make_optimizer
@@ -165,14 +165,12 @@ def finite_per_sae(loss: jax.Array, grads: dict) -> jax.Array:
     return ok
 
 
-def _apply_update(
-    cfg: RunConfig, mesh: Mesh, state: TrainState, grads: dict, out: LossOut, rows: int, ok: jax.Array
+def _advance(
+    cfg: RunConfig, state: TrainState, params: dict, opt_state: Any, out: LossOut, rows: int, ok: jax.Array
 ) -> TrainState:
-    """The state after one Adam step on `grads` (jaxsae.optimizer.update: decoder gradients projected,
-    decoder rows renormalised), with batchtopk's threshold and the firing statistics of `out` (`rows`
-    tokens per SAE) updated. An SAE whose update is not finite (`ok` [S] False) keeps its state but for
-    the step count, which advances (the batch is consumed either way)."""
-    params, opt_state = optimizer.update(cfg.train, mesh, trainable(state.params), grads, state.opt_state, ok)
+    """The state after a step that made `params` (trainable) and `opt_state`: batchtopk's threshold and the
+    firing statistics of `out` (`rows` tokens per SAE) updated. An SAE whose update is not finite (`ok` [S]
+    False) keeps them but for the step count, which advances (the batch is consumed either way)."""
     fixed = frozen(state.params)
     if "threshold" in fixed:
         update = jax.vmap(partial(update_threshold, cfg.sae))
@@ -191,28 +189,38 @@ def _apply_update(
     )
 
 
+def use_fused_update(cfg: RunConfig, mesh: Mesh) -> bool:
+    """Whether the step takes jaxsae.fused_step (W_enc's and W_dec's gradients never materialised)."""
+    return use_sparse_kernels(cfg, mesh) and fused_step.supports(cfg, mesh)
+
+
 def make_train_step(cfg: RunConfig, mesh: Mesh, state: TrainState):
     """The jitted step `(state, x [L, B, d_in] raw, ks [S] int32) -> (state, metrics of [S] leaves)`;
     `state` (arrays or ShapeDtypeStructs) gives the structure for the shardings. Donates `state`.
-    An SAE whose loss or gradient is not finite keeps its state (see `_apply_update`); its
+    An SAE whose loss or gradient is not finite keeps its state (see `_advance`); its
     `metrics["nonfinite"]` is True."""
     loss = sharded_loss(cfg, mesh)
+
+    fused = use_fused_update(cfg, mesh)
 
     def step(state: TrainState, x: jax.Array, ks: jax.Array) -> tuple[TrainState, dict]:
         dead = state.tokens_since_fired >= cfg.train.dead_tokens
         hp = jax.vmap(partial(loss_hparams, cfg))(ks, state.step)
-        params = trainable(state.params)
-        grads, out = jax.grad(loss, has_aux=True)(
-            params, frozen(state.params), x, dead, hp, state.input_scale, state.layer
-        )
-        ok = finite_per_sae(out.metrics["loss"], grads)
+        args = (trainable(state.params), frozen(state.params))
+        inputs = (x, dead, hp, state.input_scale, state.layer)
+        if fused:
+            params, opt_state, out, ok = fused_step.update(cfg, mesh, *args, state.opt_state, *inputs)
+        else:
+            grads, out = jax.grad(loss, has_aux=True)(*args, *inputs)
+            ok = finite_per_sae(out.metrics["loss"], grads)
+            params, opt_state = optimizer.update(cfg.train, mesh, args[0], grads, state.opt_state, ok)
         metrics = dict(
             out.metrics,
             dead_fraction=jnp.mean(dead, axis=-1),
             lr=jax.vmap(partial(learning_rate, cfg.train))(state.step),
             nonfinite=~ok,
         )
-        return _apply_update(cfg, mesh, state, grads, out, x.shape[1], ok), metrics
+        return _advance(cfg, state, params, opt_state, out, x.shape[1], ok), metrics
 
     shardings = state_shardings(state, mesh)
     return jax.jit(

@@ -36,6 +36,8 @@ _TARGETS = {
     "encode_histogram": "JaxsaeEncodeHistogram",
     "adam": "JaxsaeAdam",
     "adam_rows": "JaxsaeAdamRows",
+    "scatter_adam_rows": "JaxsaeScatterAdamRows",
+    "scatter_adam_cols": "JaxsaeScatterAdamCols",
 }
 
 
@@ -188,8 +190,35 @@ def adam(
     buffers are aliased to the results). float32 [S, R, C] leaves only; others run the reference."""
     if param.ndim != 3 or any(a.dtype != jnp.float32 for a in (param, mu, nu, grad)):
         return reference.adam(param, mu, nu, grad, hyper, flags, rows)
+    name = "adam_rows" if rows else "adam"
+    return _in_place(name, param, mu, nu, grad, _f32(hyper), _i32(flags))
+
+
+def _in_place(name: str, param: jax.Array, mu: jax.Array, nu: jax.Array, *args: jax.Array, **attrs: object):
+    """Runs the custom call `name` whose results (param, mu, nu) are written over those inputs."""
     _library()
     out = (jax.ShapeDtypeStruct(param.shape, jnp.float32),) * 3
-    name = "jaxsae_adam_rows" if rows else "jaxsae_adam"
-    call = jax.ffi.ffi_call(name, out, input_output_aliases={0: 0, 1: 1, 2: 2})
-    return tuple(call(param, mu, nu, grad, _f32(hyper), _i32(flags)))
+    call = jax.ffi.ffi_call(f"jaxsae_{name}", out, input_output_aliases={0: 0, 1: 1, 2: 2})
+    return tuple(call(param, mu, nu, *args, **attrs))
+
+
+def scatter_adam(
+    param: jax.Array,
+    mu: jax.Array,
+    nu: jax.Array,
+    codes_a: tuple[jax.Array, jax.Array, jax.Array],
+    codes_b: tuple[jax.Array, jax.Array, jax.Array],
+    y: jax.Array,
+    hyper: jax.Array,
+    flags: jax.Array,
+    offset_b: int,
+    transposed: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """As `reference.scatter_adam`, the gradient accumulated tile by tile and applied at once: never held
+    whole; param, mu and nu written in place. float32 parameters only (else the reference)."""
+    if any(a.dtype != jnp.float32 for a in (param, mu, nu)):
+        return reference.scatter_adam(param, mu, nu, codes_a, codes_b, y, hyper, flags, offset_b, transposed)
+    codes = [f(a) for row, idx, val in (codes_a, codes_b) for f, a in ((_i32, row), (_i32, idx), (_f32, val))]
+    name = "scatter_adam_cols" if transposed else "scatter_adam_rows"
+    args = (*codes, _f32(y), _f32(hyper), _i32(flags))
+    return _in_place(name, param, mu, nu, *args, offset_b=np.int64(offset_b))

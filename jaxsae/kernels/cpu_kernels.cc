@@ -258,88 +258,126 @@ void GatherDot(const int32_t* row, const int32_t* idx, const float* y, const flo
   }
 }
 
-// scatter_rows: out[f] = Σ val · y[row] over the slots with idx = f. A parallel counting sort turns the
-// slots into per-latent lists (CSC); then each thread owns a latent range balanced by entry count and
-// writes each of its output rows (zeros included) in its own pass, so the [F, d] output is filled once.
-// scatter_cols (`transposed`): the same sums written as out [d, F] (the encoder's gradient in W_enc's
-// layout, without a separate transpose pass).
-void ScatterRows(const int32_t* row, const int32_t* idx, const float* val, const float* y, float* out,
-                 int64_t C, int64_t K, int64_t B, int64_t F, int64_t d, bool transposed) {
-  const int64_t S = C * K;
+// Sparse codes whose slots are scattered: chunked ELL (row [C], idx [C, K], val [C, K]); `row_offset`
+// is added to row to index y (several code sets can share one y).
+struct Codes {
+  const int32_t* row;
+  const int32_t* idx;
+  const float* val;
+  int64_t C, K, row_offset;
+};
+
+// The slots of code sets grouped by latent (CSC): latent f's entries are [start[f], start[f + 1]) of
+// (src_row, src_val). Built by a parallel counting sort.
+struct Csc {
+  std::vector<int64_t> start;
+  std::vector<int32_t> src_row;
+  std::vector<float> src_val;
+};
+
+Csc BuildCsc(const Codes* sets, int n_sets, int64_t B, int64_t F) {
+  int64_t S = 0;
+  for (int q = 0; q < n_sets; ++q) S += sets[q].C * sets[q].K;
   const int nt_max = omp_get_max_threads();
   std::vector<int32_t> counts((int64_t)nt_max * F + 1);
-  std::vector<int64_t> start(F + 1), latent(F);
-  std::vector<int32_t> src_row(S);
-  std::vector<float> src_val(S);
-  for (int64_t f = 0; f < F; ++f) latent[f] = f;
-  const FpMode fp;
+  Csc csc{std::vector<int64_t>(F + 1), std::vector<int32_t>(S), std::vector<float>(S)};
+  // Calls fn(latent, y row, value) for the valid slots in [s0, s1) of the sets laid end to end.
+  auto for_slots = [&](int64_t s0, int64_t s1, auto fn) {
+    int64_t base = 0;
+    for (int q = 0; q < n_sets; ++q) {
+      const Codes& c = sets[q];
+      const int64_t n = c.C * c.K, lo = std::max(s0 - base, (int64_t)0), hi = std::min(s1 - base, n);
+      for (int64_t s = lo; s < hi; ++s) {
+        const uint32_t i = (uint32_t)c.idx[s];  // negatives become huge: both kinds of invalid id are skipped
+        if (i >= (uint64_t)F) continue;
+        const int64_t r = c.row[s / c.K];
+        fn(i, (int32_t)(std::clamp<int64_t>(r < 0 ? r + B : r, 0, B - 1) + c.row_offset), c.val[s]);  // as y[row]
+      }
+      base += n;
+    }
+  };
 #pragma omp parallel
   {
-    FpScope scope(fp);
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     int64_t s0, s1;
     Split(S, s0, s1);
     int32_t* cnt = counts.data() + (int64_t)t * F;
     std::fill(cnt, cnt + F, 0);
-    for (int64_t s = s0; s < s1; ++s) {
-      const uint32_t i = (uint32_t)idx[s];  // negatives become huge: both kinds of invalid id are skipped
-      if (i < (uint64_t)F) ++cnt[i];
-    }
+    for_slots(s0, s1, [&](uint32_t i, int32_t, float) { ++cnt[i]; });
 #pragma omp barrier
 #pragma omp single
     {
       int64_t acc = 0;  // start[f] = first position of latent f; counts become each thread's offsets
       for (int64_t f = 0; f < F; ++f) {
-        start[f] = acc;
+        csc.start[f] = acc;
         for (int u = 0; u < nt; ++u) {
           const int32_t n = counts[(int64_t)u * F + f];
           counts[(int64_t)u * F + f] = (int32_t)acc;
           acc += n;
         }
       }
-      start[F] = acc;
+      csc.start[F] = acc;
     }
-    for (int64_t s = s0; s < s1; ++s) {
-      const uint32_t i = (uint32_t)idx[s];
-      if (i < (uint64_t)F) {
-        const int32_t p = cnt[i]++;
-        const int64_t r = row[s / K];
-        src_row[p] = (int32_t)std::clamp<int64_t>(r < 0 ? r + B : r, 0, B - 1);  // as jnp's y[row]
-        src_val[p] = val[s];
-      }
-    }
-#pragma omp barrier
-    // This thread's latents: cost ≈ entries + 1 per latent (writing its row).
-    const int64_t total = start[F] + F;
+    for_slots(s0, s1, [&](uint32_t i, int32_t r, float v) {
+      const int32_t p = cnt[i]++;
+      csc.src_row[p] = r;
+      csc.src_val[p] = v;
+    });
+  }
+  return csc;
+}
+
+// Runs emit(f0, n, buf) in parallel over tiles of up to `tile` latents, buf [n, d] holding their sums
+// Σ val · y[row] (latent ranges per thread balanced by entries + `latent_cost` per latent).
+template <typename Emit>
+void ForLatentTiles(const Csc& csc, const float* y, int64_t F, int64_t d, int64_t tile, int64_t latent_cost,
+                    Emit emit) {
+  const FpMode fp;
+  const int64_t* start = csc.start.data();
+#pragma omp parallel
+  {
+    FpScope scope(fp);
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t total = start[F] + F * latent_cost;
     auto cut = [&](int64_t u) {
       const int64_t goal = total * u / nt;
-      int64_t lo = 0, hi = F;  // first f with start[f] + f >= goal
+      int64_t lo = 0, hi = F;  // first f with start[f] + cost · f >= goal
       while (lo < hi) {
         const int64_t mid = (lo + hi) / 2;
-        if (start[mid] + mid < goal) lo = mid + 1; else hi = mid;
+        if (start[mid] + mid * latent_cost < goal) lo = mid + 1; else hi = mid;
       }
       return lo;
     };
     const int64_t f0 = cut(t), f1 = t + 1 == nt ? F : cut(t + 1);
-    if (transposed) {  // out [d, F]: rows of a tile of latents in a small buffer, written out as columns
-      constexpr int64_t kTile = 16;  // 64 contiguous bytes per output row
-      std::vector<float> buf(kTile * d);
-      const int64_t local[kTile] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-      for (int64_t fa = f0; fa < f1; fa += kTile) {
-        const int64_t n = std::min(kTile, f1 - fa);
-        std::fill(buf.begin(), buf.end(), 0.0f);
-        AccumulateRows(y, src_row.data(), src_val.data(), start.data() + fa, local, n, buf.data(), d, 0, d);
-        for (int64_t x = 0; x < d; ++x)
-          for (int64_t j = 0; j < n; ++j) out[x * F + fa + j] = buf[j * d + x];
-      }
-    } else {
-      for (int64_t d0 = 0; d0 < d; d0 += g_tile) {
-        const int64_t dn = std::min(g_tile, d - d0);
-        for (int64_t f = f0; f < f1; ++f) std::fill(out + f * d + d0, out + f * d + d0 + dn, 0.0f);
-        AccumulateRows(y, src_row.data(), src_val.data(), start.data() + f0, latent.data() + f0, f1 - f0, out, d,
-                       d0, dn);
-      }
+    std::vector<float> buf(tile * d);
+    std::vector<int64_t> local(tile);
+    for (int64_t j = 0; j < tile; ++j) local[j] = j;
+    for (int64_t fa = f0; fa < f1; fa += tile) {
+      const int64_t n = std::min(tile, f1 - fa);
+      std::fill(buf.begin(), buf.begin() + n * d, 0.0f);
+      AccumulateRows(y, csc.src_row.data(), csc.src_val.data(), start + fa, local.data(), n, buf.data(), d, 0, d);
+      emit(fa, n, buf.data());
     }
+  }
+}
+
+// scatter_rows: out[f] = Σ val · y[row] over the slots with idx = f; each thread owns a latent range
+// balanced by entry count and writes each of its output rows (zeros included) once.
+// scatter_cols (`transposed`): the same sums written as out [d, F] (the encoder's gradient in W_enc's
+// layout, without a separate transpose pass), through tiles of 16 latents (64 contiguous bytes per row).
+void ScatterRows(const int32_t* row, const int32_t* idx, const float* val, const float* y, float* out,
+                 int64_t C, int64_t K, int64_t B, int64_t F, int64_t d, bool transposed) {
+  const Codes codes{row, idx, val, C, K, 0};
+  const Csc csc = BuildCsc(&codes, 1, B, F);
+  if (transposed) {
+    ForLatentTiles(csc, y, F, d, 16, 1, [&](int64_t fa, int64_t n, const float* buf) {
+      for (int64_t x = 0; x < d; ++x)
+        for (int64_t j = 0; j < n; ++j) out[x * F + fa + j] = buf[j * d + x];
+    });
+  } else {
+    ForLatentTiles(csc, y, F, d, 1, 1, [&](int64_t f, int64_t, const float* buf) {
+      std::copy(buf, buf + d, out + f * d);
+    });
   }
 }
 
@@ -841,6 +879,80 @@ void Adam(float* p, float* m, float* v, const float* g, const float* hyper, cons
 }
 
 using F32Cube = ffi::Buffer<ffi::F32, 3>;
+// The gradient of W_dec ([F, d], rows) or W_enc ([d, F], transposed) scattered from two code sets (the
+// codes and aux-k's) and applied by Adam tile by tile: the gradient is never held whole. Per SAE s of S:
+// param, mu, nu [S, ...]; codes [S, C, K]; y [S, B, d] (set b's rows offset by `offset_b`).
+void ScatterAdam(float* p, float* m, float* v, const Codes* a, const Codes* b, const float* y, int64_t B,
+                 int64_t y_rows, const float* hyper, const int32_t* flags, int64_t S, int64_t F, int64_t d,
+                 bool transposed) {
+  for (int64_t s = 0; s < S; ++s) {
+    if (!flags[2 * s]) continue;
+    AdamHyper h;
+    std::memcpy(&h, hyper + s * kAdamHyper, sizeof(h));
+    const Codes sets[2] = {a[s], b[s]};
+    const Csc csc = BuildCsc(sets, 2, B, F);
+    const int64_t off = s * F * d;
+    float *ps = p + off, *ms = m + off, *vs = v + off;
+    const float* ys = y + s * y_rows * d;
+    if (transposed) {
+      ForLatentTiles(csc, ys, F, d, 16, 4, [&](int64_t fa, int64_t n, const float* buf) {
+        for (int64_t x = 0; x < d; ++x) {
+          const int64_t o = x * F + fa;
+          for (int64_t j = 0; j < n; ++j) AdamElement<false>(ps[o + j], ms[o + j], vs[o + j], buf[j * d + x], h);
+        }
+      });
+    } else {
+      ForLatentTiles(csc, ys, F, d, 1, 4, [&](int64_t f, int64_t, const float* buf) {
+        AdamRow<false>(ps + f * d, ms + f * d, vs + f * d, buf, d, h);
+      });
+    }
+  }
+}
+
+
+using I32Cube = ffi::Buffer<ffi::S32, 3>;
+
+// Unaliased outputs (XLA could not reuse the inputs) start as copies of the inputs.
+void CopyUnaliased(const F32Cube& p, const F32Cube& m, const F32Cube& v, ffi::ResultBuffer<ffi::F32, 3>& p_out,
+                   ffi::ResultBuffer<ffi::F32, 3>& m_out, ffi::ResultBuffer<ffi::F32, 3>& v_out) {
+  const std::pair<const float*, float*> pairs[] = {{p.typed_data(), p_out->typed_data()},
+                                                   {m.typed_data(), m_out->typed_data()},
+                                                   {v.typed_data(), v_out->typed_data()}};
+  for (auto [in, out] : pairs)
+    if (in != out) std::memcpy(out, in, p.element_count() * sizeof(float));
+}
+
+// (param, mu, nu [S, ., .], row_a [S, Ca], idx_a, val_a [S, Ca, Ka], row_b, idx_b, val_b, y [S, rows, d],
+// hyper [S, 10], flags [S, 2]) -> (param, mu, nu), meant to alias the inputs; set b reads y from row
+// `offset_b` on (set a from row 0), each set's rows being [0, rows − offset_b).
+template <bool kTransposed>
+ffi::Error ScatterAdamFfi(F32Cube p, F32Cube m, F32Cube v, ffi::Buffer<ffi::S32, 2> row_a, I32Cube idx_a,
+                          F32Cube val_a, ffi::Buffer<ffi::S32, 2> row_b, I32Cube idx_b, F32Cube val_b, F32Cube y,
+                          ffi::Buffer<ffi::F32, 2> hyper, ffi::Buffer<ffi::S32, 2> flags,
+                          ffi::ResultBuffer<ffi::F32, 3> p_out, ffi::ResultBuffer<ffi::F32, 3> m_out,
+                          ffi::ResultBuffer<ffi::F32, 3> v_out, int64_t offset_b) {
+  const auto pd = p.dimensions(), yd = y.dimensions(), ia = idx_a.dimensions(), ib = idx_b.dimensions();
+  const int64_t S = pd[0], F = pd[kTransposed ? 2 : 1], d = pd[kTransposed ? 1 : 2];
+  const int64_t B = yd[1] - offset_b;
+  if (yd[0] != S || yd[2] != d || ia[0] != S || ib[0] != S || row_a.dimensions()[1] != ia[1] ||
+      row_b.dimensions()[1] != ib[1] || val_a.element_count() != idx_a.element_count() ||
+      val_b.element_count() != idx_b.element_count() || hyper.dimensions()[0] != S || flags.dimensions()[0] != S ||
+      B <= 0)
+    return ffi::Error::InvalidArgument("scatter_adam: param, codes, y [S, rows, d], hyper and flags disagree");
+  for (int64_t s = 0; s < S; ++s)
+    if (flags.typed_data()[2 * s + 1]) return ffi::Error::InvalidArgument("scatter_adam: clipping needs the gradient");
+  CopyUnaliased(p, m, v, p_out, m_out, v_out);
+  std::vector<Codes> a(S), b(S);
+  for (int64_t s = 0; s < S; ++s) {
+    a[s] = Codes{row_a.typed_data() + s * ia[1], idx_a.typed_data() + s * ia[1] * ia[2],
+                 val_a.typed_data() + s * ia[1] * ia[2], ia[1], ia[2], 0};
+    b[s] = Codes{row_b.typed_data() + s * ib[1], idx_b.typed_data() + s * ib[1] * ib[2],
+                 val_b.typed_data() + s * ib[1] * ib[2], ib[1], ib[2], offset_b};
+  }
+  ScatterAdam(p_out->typed_data(), m_out->typed_data(), v_out->typed_data(), a.data(), b.data(), y.typed_data(), B,
+              yd[1], hyper.typed_data(), flags.typed_data(), S, F, d, kTransposed);
+  return ffi::Error::Success();
+}
 
 // (param, mu, nu, grad [S, R, C], hyper [S, 10], flags [S, 2]) -> (param, mu, nu), meant to alias the inputs.
 template <bool kRows>
@@ -852,12 +964,7 @@ ffi::Error AdamFfi(F32Cube p, F32Cube m, F32Cube v, F32Cube g, ffi::Buffer<ffi::
   if (m.element_count() != n || v.element_count() != n || g.element_count() != n ||
       hyper.dimensions()[0] != S || hyper.dimensions()[1] != kAdamHyper || flags.dimensions()[0] != S)
     return ffi::Error::InvalidArgument("adam: param, mu, nu, grad [S, R, C], hyper [S, 10], flags [S, 2] disagree");
-  // Unaliased outputs (XLA could not reuse the inputs) start as copies of them.
-  const std::pair<const float*, float*> pairs[] = {{p.typed_data(), p_out->typed_data()},
-                                                   {m.typed_data(), m_out->typed_data()},
-                                                   {v.typed_data(), v_out->typed_data()}};
-  for (auto [in, out] : pairs)
-    if (in != out) std::memcpy(out, in, n * sizeof(float));
+  CopyUnaliased(p, m, v, p_out, m_out, v_out);
   Adam(p_out->typed_data(), m_out->typed_data(), v_out->typed_data(), g.typed_data(), hyper.typed_data(),
        flags.typed_data(), S, pd[1], pd[2], kRows);
   return ffi::Error::Success();
@@ -957,3 +1064,27 @@ auto AdamBinding() {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeAdam, AdamFfi<false>, AdamBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeAdamRows, AdamFfi<true>, AdamBinding());
+
+// scatter_adam_rows (W_dec [S, F, d]) and scatter_adam_cols (W_enc [S, d, F]).
+auto ScatterAdamBinding() {
+  return ffi::Ffi::Bind()
+      .Arg<F32Cube>()
+      .Arg<F32Cube>()
+      .Arg<F32Cube>()
+      .Arg<I32Mat>()
+      .Arg<I32Cube>()
+      .Arg<F32Cube>()
+      .Arg<I32Mat>()
+      .Arg<I32Cube>()
+      .Arg<F32Cube>()
+      .Arg<F32Cube>()
+      .Arg<F32Mat>()
+      .Arg<I32Mat>()
+      .Ret<F32Cube>()
+      .Ret<F32Cube>()
+      .Ret<F32Cube>()
+      .Attr<int64_t>("offset_b");
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeScatterAdamRows, ScatterAdamFfi<false>, ScatterAdamBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeScatterAdamCols, ScatterAdamFfi<true>, ScatterAdamBinding());

@@ -179,3 +179,29 @@ def adam(
     p = param + h["step_size"] * ((m / h["bc1"]) / (jnp.sqrt(v / h["bc2"]) + h["eps"]))
     p = unit_rows(p) if rows else p
     return tuple(jnp.where(ok, new, old) for new, old in ((p, param), (m, mu), (v, nu)))
+
+
+def scatter_adam(
+    param: jax.Array,
+    mu: jax.Array,
+    nu: jax.Array,
+    codes_a: tuple[jax.Array, jax.Array, jax.Array],
+    codes_b: tuple[jax.Array, jax.Array, jax.Array],
+    y: jax.Array,
+    hyper: jax.Array,
+    flags: jax.Array,
+    offset_b: int,
+    transposed: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`adam` on the gradient scattered from two code sets (codes and aux-k's), per SAE of S:
+    scatter_rows (W_dec [S, F, d]) or scatter_cols (`transposed`: W_enc [S, d, F]) of set a over y[s] and
+    of set b over y[s, offset_b:], summed. codes (row [S, C], idx [S, C, K], val [S, C, K]); y [S, rows, d].
+    No clipping (it needs the whole gradient first)."""
+    n_latents = param.shape[2 if transposed else 1]
+    scatter = scatter_cols if transposed else scatter_rows
+
+    def grad(a, b, y):
+        return scatter(*a, y, n_latents) + scatter(*b, y[offset_b:], n_latents)
+
+    g = jax.vmap(grad)(codes_a, codes_b, y)
+    return adam(param, mu, nu, g, hyper, flags, rows=not transposed)

@@ -1,0 +1,121 @@
+"""The sparse step's loss, gradients and Adam update with W_enc's and W_dec's gradients never
+materialised (topk and batchtopk): their gradients are scatters of a few [b, d] and [C, K] arrays
+(jaxsae.kernels.ops), so instead of writing two [F, d] gradients and reading them back in Adam, the
+kernel `scatter_adam` accumulates each tile of latents and applies Adam to it at once, in place.
+
+The gradients it scatters are the loss's gradients with respect to `Taps` (zeros added to the sparse
+products' outputs, see jaxsae.sparse_loss): those, the small parameters' gradients and the codes are
+all the step needs. Equal to jaxsae.step's unfused path (tests/test_fused_step.py). Needs: no gradient
+clipping (the global norm needs the whole gradient first), a data axis of size 1 (each device owns its
+SAEs whole), float32 parameters.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from jaxsae import optimizer
+from jaxsae.config import RunConfig
+from jaxsae.kernels import kernel
+from jaxsae.losses import LossHParams, LossOut
+from jaxsae.selection import DATA, MODEL, SAE, vary_like
+from jaxsae.sharding import BATCH, params_specs, state_specs
+from jaxsae.sparse_loss import Selection, Taps, select, sparse_sae_loss, zero_taps
+
+FUSED_ARCHITECTURES = ("topk", "batchtopk")
+_MATRICES = ("W_enc", "W_dec")
+
+
+def supports(cfg: RunConfig, mesh: Mesh) -> bool:
+    """Whether `cfg` on `mesh` can take the fused step (given that the sparse loss applies)."""
+    return (
+        cfg.sae.architecture in FUSED_ARCHITECTURES
+        and cfg.train.max_grad_norm <= 0
+        and mesh.shape[DATA] == 1
+        and mesh.shape[MODEL] == 1
+        and jnp.dtype(cfg.sae.dtype) == jnp.float32
+    )
+
+
+def _codes(sel: Selection) -> tuple[tuple, tuple]:
+    """(main, aux) codes (row, idx, relu(pre)) of a batched selection, as the decodes read them."""
+    main = (sel.row, sel.idx, jax.nn.relu(jnp.where(sel.idx >= 0, sel.pre, 0.0)))
+    aux = (sel.aux_row, sel.aux_idx, jax.nn.relu(jnp.where(sel.aux_idx >= 0, sel.aux_pre, 0.0)))
+    return main, aux
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """[S] bool: every value of each SAE's leaves ([S, ...]) is finite."""
+    ok = True
+    for leaf in jax.tree.leaves(tree):
+        ok = ok & jnp.all(jnp.isfinite(leaf), axis=tuple(range(1, leaf.ndim)))
+    return ok
+
+
+def per_device(
+    cfg: RunConfig, params: dict, fixed: dict, opt_state: Any, x: jax.Array, dead: jax.Array, hp: LossHParams,
+    scale: jax.Array, layer: jax.Array,
+) -> tuple[dict, Any, LossOut, jax.Array]:
+    """One step of the S SAEs a device holds (every leaf [S, ...]; x [L, b, d] raw): (trainable params,
+    opt_state, LossOut, ok [S]). An SAE whose loss or gradients are not finite keeps its values."""
+    k_max = max(cfg.sae_ks())
+    tc = cfg.train
+
+    rows = jax.vmap(lambda s, i: x[i] * s)(scale, layer)  # [S, b, d], scaled
+    both = {**params, **fixed}
+    sel = jax.vmap(partial(select, cfg.sae, k_max=k_max))(both, rows, dead, hp)
+    taps = jax.vmap(zero_taps)(sel, rows)
+    small = {n: v for n, v in params.items() if n not in _MATRICES}
+
+    def loss(small: dict, taps: Taps):
+        full = {**both, **small}
+        one = partial(sparse_sae_loss, cfg.sae, k_max=k_max)
+        losses, out = jax.vmap(lambda p, r, d, h, s, t: one(p, r, d, h, selection=s, taps=t))(
+            full, rows, dead, hp, sel, taps
+        )
+        return losses.sum(), out
+
+    (g_small, g_taps), out = jax.grad(loss, argnums=(0, 1), has_aux=True)(small, taps)
+    ok = jnp.isfinite(out.metrics["loss"]) & _all_finite((g_small, g_taps))
+    h, flags = optimizer.hyper(tc, opt_state, {}, {}, ok)
+    mu, nu = optimizer.moments(tc, opt_state)
+    new = {n: kernel("adam")(p, mu[n], nu[n], g_small[n], h, flags, False) for n, p in small.items()}
+    main, aux = _codes(sel)
+    b = rows.shape[1]
+    dec_y = jnp.concatenate([g_taps.main, g_taps.aux], axis=1)  # [S, 2b, d]: aux's rows from b on
+    new["W_dec"] = kernel("scatter_adam")(
+        params["W_dec"], mu["W_dec"], nu["W_dec"], main, aux, dec_y, h, flags, b, False
+    )
+    enc_main = (sel.row, sel.idx, jnp.where(sel.idx >= 0, g_taps.pre, 0.0))
+    enc_aux = (sel.aux_row, sel.aux_idx, jnp.where(sel.aux_idx >= 0, g_taps.aux_pre, 0.0))
+    enc_y = rows - params["b_dec"][:, None, :]  # the centred rows (the old b_dec), as selected_pre's VJP
+    new["W_enc"] = kernel("scatter_adam")(
+        params["W_enc"], mu["W_enc"], nu["W_enc"], enc_main, enc_aux, enc_y, h, flags, 0, True
+    )
+    new = {n: tuple(vary_like(a, params[n]) for a in v) for n, v in new.items()}
+    new_params, new_opt = optimizer.assemble(tc, opt_state, new, ok)
+    return new_params, new_opt, out, ok
+
+
+def update(
+    cfg: RunConfig, mesh: Mesh, params: dict, fixed: dict, opt_state: Any, x: jax.Array, dead: jax.Array,
+    hp: LossHParams, scale: jax.Array, layer: jax.Array,
+) -> tuple[dict, Any, LossOut, jax.Array]:
+    """`per_device` over the mesh: directly on one device, else under shard_map (SAEs split over `sae`)."""
+    step = partial(per_device, cfg)
+    args = (params, fixed, opt_state, x, dead, hp, scale, layer)
+    if mesh.devices.size == 1:
+        return step(*args)
+    opt_specs, per_sae = state_specs(opt_state), P(SAE)
+    in_specs = (params_specs(params), params_specs(fixed), opt_specs, BATCH, P(SAE, MODEL)) + (per_sae,) * 3
+    out_specs = (params_specs(params), opt_specs, LossOut(P(SAE, MODEL), per_sae, per_sae), per_sae)
+    # data and model have size 1 here: every value is trivially the same over them, which the
+    # device-variance check cannot infer through the kernels' custom calls.
+    mapped = jax.shard_map(step, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    return mapped(*args)
