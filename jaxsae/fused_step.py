@@ -58,15 +58,14 @@ def _all_finite(tree: Any) -> jax.Array:
     return ok
 
 
-def per_device(
-    cfg: RunConfig, params: dict, fixed: dict, opt_state: Any, x: jax.Array, dead: jax.Array, hp: LossHParams,
+def tap_gradients(
+    cfg: RunConfig, params: dict, fixed: dict, x: jax.Array, dead: jax.Array, hp: LossHParams,
     scale: jax.Array, layer: jax.Array,
-) -> tuple[dict, Any, LossOut, jax.Array]:
-    """One step of the S SAEs a device holds (every leaf [S, ...]; x [L, b, d] raw): (trainable params,
-    opt_state, LossOut, ok [S]). An SAE whose loss or gradients are not finite keeps its values."""
+) -> tuple[jax.Array, Selection, dict, Taps, LossOut]:
+    """The step's forward and backward for the S SAEs a device holds (every leaf [S, ...]; x [L, b, d]
+    raw): (rows [S, b, d] scaled, the selection, the small parameters' gradients, the taps' gradients,
+    LossOut). Everything the update needs, without an [F, d] gradient."""
     k_max = max(cfg.sae_ks())
-    tc = cfg.train
-
     rows = jax.vmap(lambda s, i: x[i] * s)(scale, layer)  # [S, b, d], scaled
     both = {**params, **fixed}
     sel = jax.vmap(partial(select, cfg.sae, k_max=k_max))(both, rows, dead, hp)
@@ -74,18 +73,28 @@ def per_device(
     small = {n: v for n, v in params.items() if n not in _MATRICES}
 
     def loss(small: dict, taps: Taps):
-        full = {**both, **small}
         one = partial(sparse_sae_loss, cfg.sae, k_max=k_max)
         losses, out = jax.vmap(lambda p, r, d, h, s, t: one(p, r, d, h, selection=s, taps=t))(
-            full, rows, dead, hp, sel, taps
+            {**both, **small}, rows, dead, hp, sel, taps
         )
         return losses.sum(), out
 
     (g_small, g_taps), out = jax.grad(loss, argnums=(0, 1), has_aux=True)(small, taps)
+    return rows, sel, g_small, g_taps, out
+
+
+def per_device(
+    cfg: RunConfig, params: dict, fixed: dict, opt_state: Any, x: jax.Array, dead: jax.Array, hp: LossHParams,
+    scale: jax.Array, layer: jax.Array,
+) -> tuple[dict, Any, LossOut, jax.Array]:
+    """One step of the S SAEs a device holds (every leaf [S, ...]; x [L, b, d] raw): (trainable params,
+    opt_state, LossOut, ok [S]). An SAE whose loss or gradients are not finite keeps its values."""
+    tc = cfg.train
+    rows, sel, g_small, g_taps, out = tap_gradients(cfg, params, fixed, x, dead, hp, scale, layer)
     ok = jnp.isfinite(out.metrics["loss"]) & _all_finite((g_small, g_taps))
     h, flags = optimizer.hyper(tc, opt_state, {}, {}, ok)
     mu, nu = optimizer.moments(tc, opt_state)
-    new = {n: kernel("adam")(p, mu[n], nu[n], g_small[n], h, flags, False) for n, p in small.items()}
+    new = {n: kernel("adam")(params[n], mu[n], nu[n], g, h, flags, False) for n, g in g_small.items()}
     main, aux = _codes(sel)
     b = rows.shape[1]
     dec_y = jnp.concatenate([g_taps.main, g_taps.aux], axis=1)  # [S, 2b, d]: aux's rows from b on

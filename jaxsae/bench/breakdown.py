@@ -6,10 +6,12 @@
   decode          codes @ W_dec + b_dec, and aux-k's decode of the chosen dead latents
   forward         the step's loss (jaxsae.step.sharded_loss: every SAE, on the mesh)
   backward        (loss and gradient) − forward
-  optimizer       gradient projection + Adam + unit-norm decoder rows (as in make_train_step)
+  optimizer       gradient projection + Adam + unit-norm decoder rows (jaxsae.optimizer.update)
 The first three run on one SAE, unsharded, on the first device; the last three on the mesh, like the step.
 When the step uses sparse kernels (jaxsae.sparse_loss), the encoder matmul and decode are the sparse
 step's kernels, and selection is the fused encoder-and-selection (sparse_loss.select) less the matmul.
+When it also takes the fused update (jaxsae.fused_step, on one device), backward is its forward and
+backward less forward, and optimizer the rest of its update: the gradient scatters fused with Adam.
 
 To time another implementation of a piece, pass `pieces={"selection": my_piece, ...}`: a piece is a
 function `Ctx -> (jitted function, args)`; a "backward" piece, when given, is timed directly instead
@@ -25,8 +27,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from jaxsae import fused_step, sae, sparse_loss
 from jaxsae import optimizer as optim
-from jaxsae import sae, sparse_loss
 from jaxsae.bench import timing
 from jaxsae.config import RunConfig
 from jaxsae.kernels import ops
@@ -37,6 +39,7 @@ from jaxsae.step import (
     loss_hparams,
     sharded_loss,
     trainable,
+    use_fused_update,
     use_sparse_kernels,
 )
 
@@ -129,6 +132,28 @@ def optimizer(ctx: Ctx) -> tuple[Callable, tuple]:
     return step, (grads,)
 
 
+def fused_backward(ctx: Ctx) -> tuple[Callable, tuple]:
+    """The fused step's forward and backward (jaxsae.fused_step.tap_gradients: the small parameters' and
+    the taps' gradients, no [F, d] gradient), on one device."""
+    params, fixed, x, dead, hp, scale, layer = _loss_args(ctx)
+    return jax.jit(partial(fused_step.tap_gradients, ctx.cfg)), (params, fixed, x, dead, hp, scale, layer)
+
+
+def fused_update(ctx: Ctx) -> tuple[Callable, tuple]:
+    """The fused step's whole update (jaxsae.fused_step.update: backward, scatters and Adam in one), on
+    copies of the params and Adam state that it donates and replaces call after call."""
+    params, fixed, x, dead, hp, scale, layer = _loss_args(ctx)
+    update = jax.jit(partial(fused_step.update, ctx.cfg, ctx.mesh), donate_argnums=(0, 2))
+    box = [jax.tree.map(jnp.copy, (params, ctx.state.opt_state))]
+
+    def step(*args):
+        new_params, new_opt, _, _ = update(box[0][0], fixed, box[0][1], *args)
+        box[0] = (new_params, new_opt)
+        return box[0]
+
+    return step, (x, dead, hp, scale, layer)
+
+
 def _sparse_select(ctx: Ctx) -> tuple[Callable, tuple]:
     """The sparse step's whole selection (jaxsae.sparse_loss.select: on the CPU the encoder fused with
     the per-row selections), for SAE 0."""
@@ -158,6 +183,10 @@ def sparse_decode(ctx: Ctx) -> tuple[Callable, tuple]:
 
     return jax.jit(dec), (ctx.params, sel)
 
+
+# The fused step (jaxsae.fused_step, one device): backward = its gradients − forward, optimizer = the
+# scatters of W_enc's and W_dec's gradients fused with Adam (+ the small parameters' Adam) = the rest.
+FUSED_PIECES: dict[str, Piece] = {"fused_backward": fused_backward, "fused_update": fused_update}
 
 SPARSE_PIECES: dict[str, Piece] = {
     "encoder_matmul": sparse_encoder_matmul,
@@ -208,12 +237,20 @@ def breakdown(
 ) -> dict[str, float]:
     """Seconds of each part of the step (see the module docstring); `pieces` replaces some of PIECES."""
     sparse = use_sparse_kernels(cfg, mesh)
-    base = {n: p for n, p in PIECES.items() if not (sparse and n == "selection")}
-    pieces = {**base, **(SPARSE_PIECES if sparse else {}), **(pieces or {})}
+    fused = use_fused_update(cfg, mesh) and mesh.devices.size == 1
+    skip = {"selection"} if sparse else set()
+    skip |= {"forward_backward", "optimizer"} if fused else set()
+    base = {n: p for n, p in PIECES.items() if n not in skip}
+    extra = {**(SPARSE_PIECES if sparse else {}), **(FUSED_PIECES if fused else {})}
+    pieces = {**base, **extra, **(pieces or {})}
     ctx = make_ctx(cfg, mesh, state, x, ks)
     measured = {name: time_piece(piece, ctx, steps) for name, piece in pieces.items()}
     if "encode_select" in measured:
         measured["selection"] = max(measured.pop("encode_select") - measured["encoder_matmul"], 0.0)
+    if "fused_update" in measured:
+        backward = measured.pop("fused_backward")
+        measured["optimizer"] = max(measured.pop("fused_update") - backward, 0.0)
+        measured["forward_backward"] = backward
     if "backward" not in measured:
         measured["backward"] = max(measured["forward_backward"] - measured["forward"], 0.0)
     order = ("encoder_matmul", "selection", "decode", "forward", "backward", "optimizer")
