@@ -4,8 +4,10 @@ once with explicit shardings on a ('sae', 'data', 'model') mesh.
 State of S SAEs (leading [S] axis on every leaf): params (see jaxsae.sae), optax Adam state over the
 trainable params, `tokens_since_fired` [S, F] int32, `fire_count` [S, F] int32 (since the last log),
 `step` [S] int32, `input_scale` [S] float32, `layer` [S] int32 (which layer of the batch [L, B, d_in]
-each SAE reads). The loss runs inside `shard_map` (exact selection across
-shards, see jaxsae.selection); the optimiser update is element-wise and partitioned by the compiler.
+each SAE reads). The loss runs inside `shard_map` (exact selection across shards, see
+jaxsae.selection; on one device without it); the update is jaxsae.optimizer's (optax's Adam as one
+in-place pass per matrix). topk and batchtopk with the sparse kernels, no clipping and an unsplit batch
+take jaxsae.fused_step instead: their W_enc and W_dec gradients go straight from the scatters into Adam.
 """
 
 from __future__ import annotations

@@ -39,6 +39,8 @@ def ours_lines(r: dict) -> list[str]:
         lines.append(
             f"    floor = the faster matmul: XLA dot {_ms(floor['xla']['median'])} ms, "
             f"kernel (OpenBLAS on the CPU) {_ms(floor['kernel']['median'])} ms"
+            + (f"; ratio from rounds of step ({_ms(floor['step_interleaved']['median'])} ms) and both matmuls"
+               if "step_interleaved" in floor else "")
         )
     if b := r.get("breakdown_s"):
         parts = " | ".join(f"{p} {_ms(b.get(p))}" for p in _PIECES)
