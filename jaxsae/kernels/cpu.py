@@ -62,7 +62,7 @@ def available() -> bool:
 
 
 def set_tile(tile: int) -> None:
-    """Floats of d per pass in gather_sum / gather_dot / scatter_rows (tuning only; default 256)."""
+    """Floats of d per pass in gather_sum / gather_dot (tuning only; default: whole rows)."""
     _library().jaxsae_set_tile(ctypes.c_int64(tile))
 
 

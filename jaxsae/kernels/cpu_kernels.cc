@@ -25,7 +25,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// Floats of d per pass over the sparse codes (a tuning knob, jaxsae_set_tile). Tiles keep an [F, tile]
+// Floats of d per pass of gather_sum / gather_dot (a tuning knob, jaxsae_set_tile). Tiles keep an [F, tile]
 // slice of the gathered matrix in cache, but measured here (F 6144 and 24576, d 768) they lost to whole
 // rows with software prefetch at every tile size: the default is one pass.
 int64_t g_tile = 1 << 30;
@@ -1048,41 +1048,35 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeCompact, CompactFfi,
                                   .Ret<I32Vec>()
                                   .Ret<I32Mat>());
 
-// adam (elementwise) and adam_rows (W_dec: row projection and renormalisation).
-auto AdamBinding() {
-  return ffi::Ffi::Bind()
-      .Arg<F32Cube>()
-      .Arg<F32Cube>()
-      .Arg<F32Cube>()
-      .Arg<F32Cube>()
-      .Arg<F32Mat>()
-      .Arg<I32Mat>()
-      .Ret<F32Cube>()
-      .Ret<F32Cube>()
-      .Ret<F32Cube>();
+// (param, mu, nu) as three arguments, or as the three results written over them.
+template <typename B>
+auto ParamMuNuArgs(B b) {
+  return std::move(b).template Arg<F32Cube>().template Arg<F32Cube>().template Arg<F32Cube>();
 }
+template <typename B>
+auto ParamMuNuRets(B b) {
+  return std::move(b).template Ret<F32Cube>().template Ret<F32Cube>().template Ret<F32Cube>();
+}
+// Adam's hyper-parameters [S, 10] and flags [S, 2].
+template <typename B>
+auto AdamScalarArgs(B b) {
+  return std::move(b).template Arg<F32Mat>().template Arg<I32Mat>();
+}
+// One set of codes [S, ...]: row, idx, val.
+template <typename B>
+auto CodesArgs(B b) {
+  return std::move(b).template Arg<I32Mat>().template Arg<I32Cube>().template Arg<F32Cube>();
+}
+
+// adam (elementwise) and adam_rows (W_dec: row projection and renormalisation): + grad.
+auto AdamBinding() { return ParamMuNuRets(AdamScalarArgs(ParamMuNuArgs(ffi::Ffi::Bind()).Arg<F32Cube>())); }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeAdam, AdamFfi<false>, AdamBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeAdamRows, AdamFfi<true>, AdamBinding());
 
-// scatter_adam_rows (W_dec [S, F, d]) and scatter_adam_cols (W_enc [S, d, F]).
+// scatter_adam_rows (W_dec [S, F, d]) and scatter_adam_cols (W_enc [S, d, F]): + two code sets and y.
 auto ScatterAdamBinding() {
-  return ffi::Ffi::Bind()
-      .Arg<F32Cube>()
-      .Arg<F32Cube>()
-      .Arg<F32Cube>()
-      .Arg<I32Mat>()
-      .Arg<I32Cube>()
-      .Arg<F32Cube>()
-      .Arg<I32Mat>()
-      .Arg<I32Cube>()
-      .Arg<F32Cube>()
-      .Arg<F32Cube>()
-      .Arg<F32Mat>()
-      .Arg<I32Mat>()
-      .Ret<F32Cube>()
-      .Ret<F32Cube>()
-      .Ret<F32Cube>()
+  return ParamMuNuRets(AdamScalarArgs(CodesArgs(CodesArgs(ParamMuNuArgs(ffi::Ffi::Bind()))).Arg<F32Cube>()))
       .Attr<int64_t>("offset_b");
 }
 
