@@ -50,14 +50,6 @@ def _codes(sel: Selection) -> tuple[tuple, tuple]:
     return main, aux
 
 
-def _all_finite(tree: Any) -> jax.Array:
-    """[S] bool: every value of each SAE's leaves ([S, ...]) is finite."""
-    ok = True
-    for leaf in jax.tree.leaves(tree):
-        ok = ok & jnp.all(jnp.isfinite(leaf), axis=tuple(range(1, leaf.ndim)))
-    return ok
-
-
 def tap_gradients(
     cfg: RunConfig, params: dict, fixed: dict, x: jax.Array, dead: jax.Array, hp: LossHParams,
     scale: jax.Array, layer: jax.Array,
@@ -91,7 +83,7 @@ def per_device(
     opt_state, LossOut, ok [S]). An SAE whose loss or gradients are not finite keeps its values."""
     tc = cfg.train
     rows, sel, g_small, g_taps, out = tap_gradients(cfg, params, fixed, x, dead, hp, scale, layer)
-    ok = jnp.isfinite(out.metrics["loss"]) & _all_finite((g_small, g_taps))
+    ok = optimizer.finite_per_sae(out.metrics["loss"], (g_small, g_taps))
     h, flags = optimizer.hyper(tc, opt_state, {}, {}, ok)
     mu, nu = optimizer.moments(tc, opt_state)
     new = {n: kernel("adam")(params[n], mu[n], nu[n], g, h, flags, False) for n, g in g_small.items()}

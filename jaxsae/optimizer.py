@@ -60,6 +60,14 @@ def per_sae(ok: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
     return jnp.where(ok.reshape(ok.shape + (1,) * (new.ndim - 1)), new, old)
 
 
+def finite_per_sae(loss: jax.Array, grads: Any) -> jax.Array:
+    """Bool [S]: SAE s's loss [S] and every value of its gradients (pytree of [S, ...] leaves) are finite."""
+    ok = jnp.isfinite(loss)
+    for g in jax.tree.leaves(grads):
+        ok &= jnp.all(jnp.isfinite(g), axis=tuple(range(1, g.ndim)))
+    return ok
+
+
 def global_norm(params: dict, grads: dict) -> jax.Array:
     """[S]: each SAE's gradient norm over all leaves, W_dec's after its projection (what clipping sees)."""
     total = 0.0

@@ -159,14 +159,6 @@ def sharded_loss(cfg: RunConfig, mesh: Mesh):
     return loss
 
 
-def finite_per_sae(loss: jax.Array, grads: dict) -> jax.Array:
-    """Bool [S]: SAE s's loss [S] and every gradient value of it are finite."""
-    ok = jnp.isfinite(loss)
-    for g in grads.values():
-        ok &= jnp.all(jnp.isfinite(g), axis=tuple(range(1, g.ndim)))
-    return ok
-
-
 def _advance(
     cfg: RunConfig, state: TrainState, params: dict, opt_state: Any, out: LossOut, rows: int, ok: jax.Array
 ) -> TrainState:
@@ -214,7 +206,7 @@ def make_train_step(cfg: RunConfig, mesh: Mesh, state: TrainState):
             params, opt_state, out, ok = fused_step.update(cfg, mesh, *args, state.opt_state, *inputs)
         else:
             grads, out = jax.grad(loss, has_aux=True)(*args, *inputs)
-            ok = finite_per_sae(out.metrics["loss"], grads)
+            ok = optimizer.finite_per_sae(out.metrics["loss"], grads)
             params, opt_state = optimizer.update(cfg.train, mesh, args[0], grads, state.opt_state, ok)
         metrics = dict(
             out.metrics,
