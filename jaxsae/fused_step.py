@@ -43,13 +43,6 @@ def supports(cfg: RunConfig, mesh: Mesh) -> bool:
     )
 
 
-def _codes(sel: Selection) -> tuple[tuple, tuple]:
-    """(main, aux) codes (row, idx, relu(pre)) of a batched selection, as the decodes read them."""
-    main = (sel.row, sel.idx, jax.nn.relu(jnp.where(sel.idx >= 0, sel.pre, 0.0)))
-    aux = (sel.aux_row, sel.aux_idx, jax.nn.relu(jnp.where(sel.aux_idx >= 0, sel.aux_pre, 0.0)))
-    return main, aux
-
-
 def tap_gradients(
     cfg: RunConfig, params: dict, fixed: dict, x: jax.Array, dead: jax.Array, hp: LossHParams,
     scale: jax.Array, layer: jax.Array,
@@ -87,14 +80,16 @@ def per_device(
     h, flags = optimizer.hyper(tc, opt_state, {}, {}, ok)
     mu, nu = optimizer.moments(tc, opt_state)
     new = {n: kernel("adam")(params[n], mu[n], nu[n], g, h, flags, False) for n, g in g_small.items()}
-    main, aux = _codes(sel)
+    # Empty slots (idx −1) are skipped by the scatters: no masking of the values needed.
+    main = (sel.row, sel.idx, jax.nn.relu(sel.pre))  # the codes, as the decodes read them
+    aux = (sel.aux_row, sel.aux_idx, jax.nn.relu(sel.aux_pre))
     b = rows.shape[1]
     dec_y = jnp.concatenate([g_taps.main, g_taps.aux], axis=1)  # [S, 2b, d]: aux's rows from b on
     new["W_dec"] = kernel("scatter_adam")(
         params["W_dec"], mu["W_dec"], nu["W_dec"], main, aux, dec_y, h, flags, b, False
     )
-    enc_main = (sel.row, sel.idx, jnp.where(sel.idx >= 0, g_taps.pre, 0.0))
-    enc_aux = (sel.aux_row, sel.aux_idx, jnp.where(sel.aux_idx >= 0, g_taps.aux_pre, 0.0))
+    enc_main = (sel.row, sel.idx, g_taps.pre)
+    enc_aux = (sel.aux_row, sel.aux_idx, g_taps.aux_pre)
     enc_y = rows - params["b_dec"][:, None, :]  # the centred rows (the old b_dec), as selected_pre's VJP
     new["W_enc"] = kernel("scatter_adam")(
         params["W_enc"], mu["W_enc"], nu["W_enc"], enc_main, enc_aux, enc_y, h, flags, 0, True
