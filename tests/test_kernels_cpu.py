@@ -80,6 +80,31 @@ def test_sparse_products(shape):
     assert np.all(np.asarray(cpu.gather_dot(row, idx, y, w))[idx < 0] == 0)
 
 
+
+def test_scatter_with_dense_latents():
+    """Latents in at least a quarter of the rows (aux-k's dead latents are in all) are summed by a GEMM,
+    more than one block of them (256) here, beside light ones in the same rows and chunks."""
+    rng = np.random.default_rng(3)
+    b, n_latents, d, size = 64, 700, 8, 48
+    dense = rng.choice(n_latents, 300, replace=False)
+    light = np.setdiff1d(np.arange(n_latents), dense)
+    rows, chunks = [], []
+    for r in range(b):
+        ids = np.sort(np.concatenate([dense[rng.random(300) < 0.5], rng.choice(light, 3, replace=False)]))
+        for start in range(0, len(ids), size):
+            chunk = np.full(size, -1, np.int32)
+            chunk[: len(ids[start : start + size])] = ids[start : start + size]
+            rows.append(r)
+            chunks.append(chunk)
+    row, idx = np.asarray(rows, np.int32), np.stack(chunks)
+    val = (rng.standard_normal(idx.shape) * (idx >= 0)).astype(np.float32)
+    y = rng.standard_normal((b, d)).astype(np.float32)
+    want = np.zeros((n_latents, d), np.float32)  # numpy, slot by slot
+    slot_rows = np.broadcast_to(row[:, None], idx.shape)[idx >= 0]
+    np.add.at(want, idx[idx >= 0], val[idx >= 0][:, None] * y[slot_rows])
+    close(cpu.scatter_rows(row, idx, val, y, n_latents), jnp.asarray(want), rtol=1e-4)
+    close(cpu.scatter_cols(row, idx, val, y, n_latents), jnp.asarray(want.T), rtol=1e-4)
+
 def test_sparse_products_bfloat16_inputs():
     """bfloat16 values are cast to float32 by the wrapper, as the reference does before accumulating."""
     rng = np.random.default_rng(1)

@@ -87,10 +87,21 @@ def _codes(rng, n_chunks, k, b):
     return row, idx, val
 
 
+def _aux_like(rng, b, n_dead):
+    """Codes of one set as aux-k makes them: every row holds the same dead latents (one chunk per row)."""
+    dead = np.sort(rng.choice(F, n_dead, replace=False)).astype(np.int32)
+    idx = np.broadcast_to(dead, (b, n_dead)).copy()
+    idx[rng.random(idx.shape) < 0.1] = -1
+    val = np.where(idx >= 0, rng.normal(size=idx.shape), 0).astype(np.float32)
+    return np.arange(b, dtype=np.int32), idx, val
+
+
+@pytest.mark.parametrize("aux_like", [False, True])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_scatter_adam_equals_scatter_then_adam(transposed):
+def test_scatter_adam_equals_scatter_then_adam(transposed, aux_like):
     """The fused C++ scatter + Adam equals the reference (two scatters summed, then `adam`), per SAE, with
-    SAE 1's update skipped; and the reference equals an independent numpy scatter."""
+    SAE 1's update skipped; and the reference equals an independent numpy scatter. `aux_like`: set b's
+    latents are in every row (the kernel sums those by a GEMM)."""
     if not cpu.available():
         pytest.skip("no C++ toolchain")
     rng = np.random.default_rng(2)
@@ -100,7 +111,8 @@ def test_scatter_adam_equals_scatter_then_adam(transposed):
     m, g0 = (rng.normal(size=shape).astype(np.float32) for _ in range(2))
     v = rng.random(size=shape).astype(np.float32)
     a = [np.stack(z) for z in zip(*(_codes(rng, 9, 5, b) for _ in range(S)), strict=True)]
-    bb = [np.stack(z) for z in zip(*(_codes(rng, b, 7, b) for _ in range(S)), strict=True)]
+    make_b = partial(_aux_like, rng, b, 7) if aux_like else partial(_codes, rng, b, 7, b)
+    bb = [np.stack(z) for z in zip(*(make_b() for _ in range(S)), strict=True)]
     offset = 0 if transposed else b
     y = rng.normal(size=(S, b + offset, D)).astype(np.float32)
     hyper = np.asarray([[-0.01, 0.9, 0.1, 0.999, 0.001, 0.19, 0.002, 1e-8, 1.0, 0.0]] * S, np.float32)

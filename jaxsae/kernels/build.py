@@ -22,7 +22,7 @@ import scipy_openblas32
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 LIB_NAME = "libjaxsae_cpu.so"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 
 class BuildError(RuntimeError):
