@@ -71,9 +71,10 @@ def select(
 ) -> Selection:
     """The sparse codes of rows x [b, d] (input-scaled). topk runs the encoder fused with its per-row
     selections (jaxsae.kernels.ops.encode_topk: no [b, F] array on the CPU). batchtopk's threshold is
-    global: one row may hold a thousand of the batch's k·B entries (rows of large norm), so it takes
-    the [b, F] pre-activations (the kernels' encoder, with the first pass of the exact two-level radix
-    select fused in) and selects over them. jumprelu keeps the entries above θ − ε/2."""
+    global (one row may hold a thousand of the batch's k·B entries): on one data shard the CPU kernel
+    keeps, while encoding, only the entries above a guessed bound of it (no [b, F] array either, see
+    jaxsae.kernels.ops.encode_batchtopk); over several shards it selects over the [b, F] pre-activations.
+    jumprelu keeps the entries above θ − ε/2."""
     params = jax.tree.map(lax.stop_gradient, params)
     b, n_latents = x.shape[0], params["W_enc"].shape[1]
     xc = x - params["b_dec"]
@@ -90,19 +91,12 @@ def select(
         counts = band_counts(cfg, params, pre)
         row, idx = select_jumprelu(cfg, params, pre, counts)
         none = jnp.zeros((b, 0), jnp.int32)
-        return Selection(row, idx, _at(pre, row, idx), rows, none, none.astype(pre.dtype),
+        return Selection(row, idx, ops.values_at(pre, row, idx), rows, none, none.astype(pre.dtype),
                          jnp.zeros((), pre.dtype), jumprelu_fits(cfg, counts))
-    pre, hist = ops.encode_histogram(xc, w_enc, b_enc)
-    row, idx, smallest = ops.select_batchtopk(pre, hp.k, k_max, axes.data, hist)
-    _, aux_idx = ops.select_topk(pre, k_aux, k_aux, mask=dead)
-    return Selection(row, idx, _at(pre, row, idx), rows, aux_idx, _at(pre, rows, aux_idx), smallest,
-                     jnp.asarray(True))
-
-
-def _at(a: jax.Array, row: jax.Array, slot: jax.Array) -> jax.Array:
-    """a[row[c], slot[c, j]] for a [b, n], 0 where slot is -1."""
-    got = a[row[:, None], jnp.maximum(slot, 0)]
-    return jnp.where(slot >= 0, got, jnp.zeros((), a.dtype))
+    row, idx, pre, aux_idx, aux_pre, smallest = ops.encode_batchtopk(
+        xc, w_enc, b_enc, hp.k, k_max, k_aux, dead, axes.data
+    )
+    return Selection(row, idx, pre, rows, aux_idx, aux_pre, smallest, jnp.asarray(True))
 
 
 def sparse_sae_loss(

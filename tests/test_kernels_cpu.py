@@ -3,6 +3,9 @@ rounding; under jit, vmap (sequential) and shard_map on a 2-device mesh."""
 
 from __future__ import annotations
 
+import os
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +13,7 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jaxsae.kernels import cpu
+from jaxsae.kernels import cpu, ops
 from jaxsae.kernels import reference as ref
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="no CPU kernels (no g++ or a failed build)")
@@ -209,6 +212,51 @@ def thresholds(rng: np.random.Generator, acts: np.ndarray) -> np.ndarray:
     thr[:3] = [np.inf, -np.inf, np.nan]
     return thr
 
+
+
+def _batchtopk_case(case: str, rng: np.random.Generator):
+    """(x, w, b, k, expected encoder passes or None) of encode_batchtopk's cases: its guess holds; the
+    rows of the guess's sample (each thread's first block: 256 rows at these F) are ten times smaller
+    than the rest, so the pool overflows (on ≤ 4 threads, where the sample misses most rows); every
+    entry equal (the threshold's bin overflows the pool); fewer positive entries than k·B."""
+    rows, d, n_latents, k = {"guess holds": (700, 16, 200, 3), "first rows smaller": (1100, 8, 96, 1)}.get(
+        case, (600, 8, 64, 2)
+    )
+    x = rng.standard_normal((rows, d)).astype(np.float32)
+    w = rng.standard_normal((d, n_latents)).astype(np.float32)
+    b = (0.1 * rng.standard_normal(n_latents)).astype(np.float32)
+    passes = 1
+    if case == "first rows smaller":
+        x[: 256 * len(os.sched_getaffinity(0))] *= 0.1
+        passes = 2 if len(os.sched_getaffinity(0)) <= 4 else None
+    elif case == "all equal":
+        w[:] = 0
+        b[:] = 0.5
+        passes = 3
+    elif case == "few positives":
+        b[:] = -50
+        b[:3] = 0
+    return x, w, b, k, passes
+
+
+@pytest.mark.parametrize("case", ["guess holds", "first rows smaller", "all equal", "few positives"])
+def test_encode_batchtopk_equals_encode_then_select(case):
+    """The fused BatchTopK kernel equals the composition that defines it (encode_histogram,
+    select_batchtopk, topk_rows of aux-k, values at the slots) bit for bit, in one, two or three passes."""
+    x, w, b, k, passes = _batchtopk_case(case, np.random.default_rng(4))
+    n_latents = w.shape[1]
+    for mask_aux in (np.arange(n_latents) % 40 == 3, np.arange(n_latents) % 2 == 0):  # few and many allowed
+        want = jax.jit(partial(ops.encode_batchtopk, fused=False), static_argnums=(4, 5))(
+            x, w, b, k, 2 * k, 4, mask_aux
+        )
+        got = jax.jit(cpu.encode_batchtopk, static_argnums=(6, 7, 8))(
+            x, w, b, k * x.shape[0], mask_aux, 4, 2 * x.shape[0], 2 * k, 4
+        )
+        names = ("row", "idx", "val", "aux_idx", "aux_val", "smallest")
+        for name, g, wv in zip(names, got, want, strict=False):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(wv), err_msg=f"{case}: {name}")
+        assert passes is None or int(got[6]) == passes, case
+        assert int(np.sum(np.asarray(got[1]) >= 0)) == min(k * x.shape[0], int(np.sum(x @ w + b > 0)))
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_row_counts_and_compact(shape):

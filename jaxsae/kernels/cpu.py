@@ -34,6 +34,7 @@ _TARGETS = {
     "encode": "JaxsaeEncode",
     "encode_topk": "JaxsaeEncodeTopk",
     "encode_histogram": "JaxsaeEncodeHistogram",
+    "encode_batchtopk": "JaxsaeEncodeBatchTopk",
     "adam": "JaxsaeAdam",
     "adam_rows": "JaxsaeAdamRows",
     "scatter_adam_rows": "JaxsaeScatterAdamRows",
@@ -175,6 +176,36 @@ def encode_topk(
     )
     mask, mask_aux = jnp.asarray(mask, jnp.bool_), jnp.asarray(mask_aux, jnp.bool_)
     return tuple(_call("encode_topk", out, _f32(x), _f32(w), _f32(b), mask, _i32(k), mask_aux, _i32(k_aux)))
+
+def encode_batchtopk(
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array,
+    kb: jax.Array | int,
+    mask_aux: jax.Array,
+    k_aux: jax.Array | int,
+    n_chunks: int,
+    size: int,
+    size_aux: int,
+):
+    """One shard's BatchTopK of pre = x·w + b (x [R, d], w [d, F], b [F]) without holding pre: the kb
+    largest positive entries (ties by row-major order) as chunked ELL (row [n_chunks], idx [n_chunks,
+    size] int32, pre at the slots), the top k_aux of each row among latents with mask_aux (idx [R,
+    size_aux], pre at idx), the smallest kept value (its bits as select_batchtopk's threshold) and the
+    number of encoder passes it took (1 when its guess of the threshold held, up to 3). The first six
+    equal ops.encode_batchtopk's composition on one shard."""
+    rows = x.shape[0]
+    out = (
+        jax.ShapeDtypeStruct((n_chunks,), jnp.int32),
+        jax.ShapeDtypeStruct((n_chunks, size), jnp.int32),
+        jax.ShapeDtypeStruct((n_chunks, size), jnp.float32),
+        jax.ShapeDtypeStruct((rows, size_aux), jnp.int32),
+        jax.ShapeDtypeStruct((rows, size_aux), jnp.float32),
+        jax.ShapeDtypeStruct((), jnp.float32),
+        jax.ShapeDtypeStruct((), jnp.int32),
+    )
+    mask_aux = jnp.asarray(mask_aux, jnp.bool_)
+    return tuple(_call("encode_batchtopk", out, _f32(x), _f32(w), _f32(b), _i32(kb), mask_aux, _i32(k_aux)))
 
 
 def adam(

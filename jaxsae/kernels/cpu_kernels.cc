@@ -11,6 +11,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <utility>
 #include <cstdint>
@@ -765,6 +766,26 @@ void RowCounts(const float* acts, const float* thr, int32_t* above, int32_t* equ
   }
 }
 
+// Chunk c's row for the chunked ELL written from chunk_start (as the reference's scatter-max + cummax): the last non-empty row
+// starting at or before it (0 if none); chunks past the last used one get row R - 1.
+void ChunkOwners(const int64_t* taken, const int32_t* chunk_start, int64_t R, int64_t n_chunks, int64_t size,
+                 int32_t* row_out) {
+  std::vector<int32_t> owner(n_chunks + 1, 0);
+  int64_t used = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t nc = (taken[r] + size - 1) / size;
+    if (nc == 0) continue;
+    const int64_t s = chunk_start[r];
+    if (s >= 0 && s < n_chunks) owner[s] = std::max<int32_t>(owner[s], (int32_t)r);
+    used = std::max(used, s + nc);
+  }
+  int32_t run = 0;
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    run = std::max(run, owner[c]);
+    row_out[c] = c < used ? run : (int32_t)(R - 1);
+  }
+}
+
 // compact: row r's taken latents go, in ascending order, to the flat positions chunk_start[r]·size + slot
 // of idx (its chunks are consecutive). Blocks of 16 with nothing at or above the threshold are skipped.
 void Compact(const float* acts, const float* thr, const int32_t* quota, const int32_t* chunk_start,
@@ -803,22 +824,7 @@ void Compact(const float* acts, const float* thr, const int32_t* quota, const in
       taken[r] = n;
     }
   }
-  // Chunk c belongs to the last non-empty row starting at or before it (0 if none), as the reference's
-  // scatter-max + cummax; chunks past the last used one get row R - 1.
-  std::vector<int32_t> owner(n_chunks + 1, 0);
-  int64_t used = 0;
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t nc = (taken[r] + size - 1) / size;
-    if (nc == 0) continue;
-    const int64_t s = chunk_start[r];
-    if (s >= 0 && s < n_chunks) owner[s] = std::max<int32_t>(owner[s], (int32_t)r);
-    used = std::max(used, s + nc);
-  }
-  int32_t run = 0;
-  for (int64_t c = 0; c < n_chunks; ++c) {
-    run = std::max(run, owner[c]);
-    row_out[c] = c < used ? run : (int32_t)(R - 1);
-  }
+  ChunkOwners(taken.data(), chunk_start, R, n_chunks, size, row_out);
 }
 
 // encode_histogram: encode, plus positive_histogram's level 0 of the result taken while each block is hot.
@@ -836,6 +842,255 @@ void EncodeHistogram(const float* x, const float* w, const float* b, float* out,
     FpScope scope(fp);
     ReduceHistograms(priv, nt_max, kBins / 2, hist);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// encode_batchtopk: one data shard's BatchTopK without ever holding pre = x·w + b [R, F]: the same
+// results as encode_histogram, select_batchtopk and aux-k's topk_rows on it (see ops.encode_batchtopk),
+// with one encoder pass when its guess holds. Each row block, while in cache, adds to the level-0
+// histogram, takes aux-k's per-row top k, and keeps its entries at or above a guessed lower bound of
+// the threshold in a row-major pool. The guess: each thread's first block is encoded before any other,
+// and the guess is the level-0 bin above which those rows hold kPoolMargin times their share of k·B.
+// Once the histogram is whole the pool must hold every entry of the threshold's level-0 bin and above;
+// when it does not (those first rows were unlike the rest, or the pool overflowed), the encoder runs
+// again to collect exactly that (its size now known), or, if even that would overflow (many equal
+// values), once for the level-1 histogram and once for the selection itself.
+constexpr int64_t kPoolMargin = 3;
+constexpr int64_t kPoolRoom = 8;  // a block that finds kPoolRoom · k·B pooled entries before it marks the pool
+                                  // incomplete (blocks running at once may take it a little over)
+
+struct PoolEntry {
+  int32_t row, f, bits;  // bits: the value's float32 pattern (positive: ordered like the value)
+};
+
+inline int32_t PositiveBits(float a) {
+  int32_t b;
+  std::memcpy(&b, &a, 4);
+  return a > 0.0f ? b : 0;  // non-positive and NaN entries: 0, never pooled
+}
+
+// Appends the entries of buf [n, F] (rows r0 + ...) with bits >= lo to out in row-major order, keeping at
+// most `max_eq` (when >= 0) equal to lo; false (out partial) once out would exceed `room` entries.
+bool CollectAbove(const float* buf, int64_t r0, int64_t n, int64_t F, int32_t lo, int64_t max_eq, int64_t room,
+                  std::vector<PoolEntry>& out) {
+  int64_t n_eq = 0;
+  const i8 lo8 = (i8){} + lo;
+  for (int64_t r = 0; r < n; ++r) {
+    const float* a = buf + r * F;
+    auto visit = [&](int64_t f) {
+      const int32_t b = PositiveBits(a[f]);
+      if (b < lo || b == 0) return true;
+      if (b == lo && max_eq >= 0 && n_eq++ >= max_eq) return true;
+      if ((int64_t)out.size() >= room) return false;
+      out.push_back({(int32_t)(r0 + r), (int32_t)f, b});
+      return true;
+    };
+    int64_t f = 0;
+    for (; f + 16 <= F; f += 16)
+      if (Any((LoadV<i8>(a + f) >= lo8) | (LoadV<i8>(a + f + 8) >= lo8)))
+        for (int x = 0; x < 16; ++x)
+          if (!visit(f + x)) return false;
+    for (; f < F; ++f)
+      if (!visit(f)) return false;
+  }
+  return true;
+}
+
+// The largest bin h whose suffix count Σ_{h' >= h} hist[h'] reaches `need` (>= 1), with above = the
+// suffix count of h + 1; -1 if the whole histogram holds fewer.
+int64_t TopBin(const int64_t* hist, int64_t need, int64_t& above) {
+  int64_t acc = 0;
+  for (int64_t h = kBins - 1; h >= 0; --h) {
+    if (acc + hist[h] >= need) {
+      above = acc;
+      return h;
+    }
+    acc += hist[h];
+  }
+  above = acc;
+  return -1;
+}
+
+// The threshold of select_batchtopk: its bits t and how many entries equal to it are taken.
+struct Threshold {
+  int32_t bits;
+  int64_t need;
+};
+
+struct BatchTopkOut {
+  int32_t *row, *idx, *aux_idx;
+  float *val, *aux_val;
+  int64_t n_chunks, size, size_aux;
+};
+
+// Writes the chunked ELL of the pool's entries above t plus its first `need` equal to t (pool: row-major,
+// holding every entry >= t, or at least the first `need` equal ones).
+void EmitSelection(const std::vector<PoolEntry>& pool, Threshold th, int64_t R, const BatchTopkOut& o) {
+  std::vector<int64_t> taken(R, 0);
+  std::vector<uint8_t> take(pool.size());
+  int64_t n_eq = 0;
+  for (size_t i = 0; i < pool.size(); ++i) {
+    const PoolEntry& e = pool[i];
+    take[i] = e.bits > th.bits || (e.bits == th.bits && n_eq++ < th.need);
+    taken[e.row] += take[i];
+  }
+  std::vector<int32_t> chunk_start(R);
+  int64_t acc = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    chunk_start[r] = (int32_t)acc;
+    acc += (taken[r] + o.size - 1) / o.size;
+  }
+  const int64_t total = o.n_chunks * o.size;
+  std::fill(o.idx, o.idx + total, -1);
+  std::fill(o.val, o.val + total, 0.0f);
+  std::vector<int64_t> next(R, 0);
+  for (size_t i = 0; i < pool.size(); ++i) {
+    if (!take[i]) continue;
+    const PoolEntry& e = pool[i];
+    const int64_t p = (int64_t)chunk_start[e.row] * o.size + next[e.row]++;
+    if (p >= total) continue;  // as compact: writes past the end are dropped
+    o.idx[p] = e.f;
+    std::memcpy(o.val + p, &e.bits, 4);
+  }
+  ChunkOwners(taken.data(), chunk_start.data(), R, o.n_chunks, o.size, o.row);
+}
+
+// Runs body(block, r0, n, buf) over the row blocks, each encoded into the thread's buffer.
+template <typename Body>
+void ForEncodedBlocks(const float* x, const float* w, const float* b, int64_t R, int64_t d, int64_t F, Body body) {
+  ForRowBlocks(R, F, true, [&](int64_t r0, int64_t n, float* buf) {
+    EncodeBlock(x, w, b, r0, n, d, F, buf);
+    body(r0 / EncodeBlockRows(F), r0, n, buf);
+  });
+}
+
+std::vector<PoolEntry> Concatenate(std::vector<std::vector<PoolEntry>>& blocks) {
+  std::vector<PoolEntry> out;
+  size_t n = 0;
+  for (const auto& v : blocks) n += v.size();
+  out.reserve(n);
+  for (auto& v : blocks) {
+    out.insert(out.end(), v.begin(), v.end());
+    std::vector<PoolEntry>().swap(v);
+  }
+  return out;
+}
+
+// Returns the number of encoder passes run (1 when the guess held).
+int32_t EncodeBatchTopk(const float* x, const float* w, const float* b, int64_t R, int64_t d, int64_t F, int64_t kb,
+                        const bool* mask_aux, int64_t k_aux, const BatchTopkOut& o, float* smallest) {
+  const RowTopk aux(mask_aux, F, k_aux, o.size_aux);
+  const int64_t blk = EncodeBlockRows(F), nb = (R + blk - 1) / blk, cap = std::max<int64_t>(kPoolRoom * kb, 1024);
+  const int nt_max = omp_get_max_threads();
+  std::vector<int32_t> priv((int64_t)nt_max * kBins, 0);
+  std::vector<TopkScratch> scratch;
+  for (int u = 0; u < nt_max; ++u) scratch.emplace_back(F);
+  std::vector<std::vector<PoolEntry>> blocks(nb);
+  std::atomic<int64_t> pooled{0};
+  std::atomic<bool> overflow{false};
+  int32_t guess = 1;
+  SerialBlas();
+  const FpMode fp;
+  // Pass 1: histogram, aux-k and the pool above the guess.
+#pragma omp parallel
+  {
+    FpScope scope(fp);
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    std::vector<float> buf(blk * F);
+    int32_t* h = priv.data() + (int64_t)t * kBins;
+    auto encode = [&](int64_t q) {
+      const int64_t r0 = q * blk, n = std::min(blk, R - r0);
+      EncodeBlock(x, w, b, r0, n, d, F, buf.data());
+      HistogramLevel0(buf.data(), 0, n * F, h);
+      for (int64_t r = r0; r < r0 + n; ++r) {
+        const float* a = buf.data() + (r - r0) * F;
+        aux.Run(a, scratch[t], o.aux_idx + r * o.size_aux);
+        ValuesAt(a, o.aux_idx + r * o.size_aux, o.size_aux, o.aux_val + r * o.size_aux);
+      }
+    };
+    auto collect = [&](int64_t q) {
+      const int64_t r0 = q * blk, n = std::min(blk, R - r0);
+      const int64_t room = cap - pooled.load();
+      if (overflow.load() || room <= 0 ||
+          !CollectAbove(buf.data(), r0, n, F, guess, -1, room, blocks[q]))
+        overflow = true;
+      pooled += (int64_t)blocks[q].size();
+    };
+    const int64_t first = std::min<int64_t>(nt, nb);
+    if (t < first) encode(t);
+#pragma omp barrier
+#pragma omp single
+    {
+      std::vector<int64_t> sample(kBins, 0);
+      for (int u = 0; u < nt; ++u)
+        for (int64_t key = 0; key < kBins / 2; ++key) sample[key] += priv[(int64_t)u * kBins + key];
+      const int64_t rows = std::min(R, first * blk);
+      const int64_t want = std::max<int64_t>(1, (kPoolMargin * kb * rows + R - 1) / R);
+      int64_t above;
+      const int64_t g = TopBin(sample.data(), want, above);
+      guess = g > 0 ? (int32_t)(g << 16) : 1;
+    }
+    if (t < first) collect(t);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t q = first; q < nb; ++q) {
+      encode(q);
+      collect(q);
+    }
+  }
+  std::vector<int64_t> hist(kBins, 0);
+  for (int u = 0; u < nt_max; ++u)
+    for (int64_t key = 0; key < kBins / 2; ++key) hist[key] += priv[(int64_t)u * kBins + key];
+  int64_t above_hi = 0;
+  const int64_t hi = kb > 0 ? TopBin(hist.data(), kb, above_hi) : kBins - 1;
+  const bool enough = kb > 0 && hi >= 0;
+  const int32_t lo_needed = enough ? (int32_t)(hi << 16) : 1;  // every entry the selection may take
+  int32_t passes = 1;
+  bool exact = false;  // the pool's ties already trimmed (the third pass)
+  Threshold th{0, 0};
+  if (kb <= 0) {
+    th = Threshold{-1, 0};  // as the reference: no entry taken, the threshold's bits all ones
+  } else if (overflow.load() || guess > lo_needed) {
+    for (auto& v : blocks) v.clear();
+    const int64_t ge_hi = above_hi + (enough ? hist[hi] : 0);
+    if (!enough || ge_hi <= cap) {
+      ForEncodedBlocks(x, w, b, R, d, F, [&](int64_t q, int64_t r0, int64_t n, float* buf) {
+        CollectAbove(buf, r0, n, F, lo_needed, -1, ge_hi + 1, blocks[q]);
+      });
+      passes = 2;
+    } else {  // the level-1 histogram of bin hi, then the selection with its ties trimmed per block
+      std::fill(priv.begin(), priv.end(), 0);
+      ForEncodedBlocks(x, w, b, R, d, F, [&](int64_t, int64_t, int64_t n, float* buf) {
+        int32_t* h = priv.data() + (int64_t)omp_get_thread_num() * kBins;
+        for (int64_t i = 0; i < n * F; ++i) {
+          const int32_t bits = PositiveBits(buf[i]);
+          if (bits != 0 && (bits >> 16) == hi) ++h[bits & 0xFFFF];
+        }
+      });
+      std::vector<int64_t> low(kBins, 0);
+      for (int u = 0; u < nt_max; ++u)
+        for (int64_t key = 0; key < kBins; ++key) low[key] += priv[(int64_t)u * kBins + key];
+      int64_t above_lo = 0;
+      const int64_t lo = TopBin(low.data(), kb - above_hi, above_lo);
+      th = Threshold{(int32_t)((hi << 16) | lo), kb - above_hi - above_lo};
+      ForEncodedBlocks(x, w, b, R, d, F, [&](int64_t q, int64_t r0, int64_t n, float* buf) {
+        CollectAbove(buf, r0, n, F, th.bits, th.need, kb + th.need + 1, blocks[q]);
+      });
+      passes = 3;
+      exact = true;
+    }
+  }
+  const std::vector<PoolEntry> pool = Concatenate(blocks);
+  if (kb > 0 && enough && !exact) {  // level 1 from the pool, which holds all of bin hi
+    std::vector<int64_t> low(kBins, 0);
+    for (const PoolEntry& e : pool)
+      if ((e.bits >> 16) == hi) ++low[e.bits & 0xFFFF];
+    int64_t above_lo = 0;
+    const int64_t lo = TopBin(low.data(), kb - above_hi, above_lo);
+    th = Threshold{(int32_t)((hi << 16) | lo), kb - above_hi - above_lo};
+  }
+  EmitSelection(pool, th, R, o);
+  std::memcpy(smallest, &th.bits, 4);
+  return passes;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -911,6 +1166,25 @@ ffi::Error EncodeTopkFfi(ffi::Buffer<ffi::F32, 2> x, ffi::Buffer<ffi::F32, 2> w,
   EncodeTopk(x.typed_data(), w.typed_data(), b.typed_data(), xd[0], xd[1], F, mask.typed_data(), k.typed_data()[0],
              idx->dimensions()[1], mask_aux.typed_data(), k_aux.typed_data()[0], aux_idx->dimensions()[1],
              idx->typed_data(), val->typed_data(), aux_idx->typed_data(), aux_val->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error EncodeBatchTopkFfi(ffi::Buffer<ffi::F32, 2> x, ffi::Buffer<ffi::F32, 2> w, ffi::Buffer<ffi::F32, 1> b,
+                              ffi::BufferR0<ffi::S32> kb, ffi::Buffer<ffi::PRED, 1> mask_aux,
+                              ffi::BufferR0<ffi::S32> k_aux, ffi::ResultBuffer<ffi::S32, 1> row,
+                              ffi::ResultBuffer<ffi::S32, 2> idx, ffi::ResultBuffer<ffi::F32, 2> val,
+                              ffi::ResultBuffer<ffi::S32, 2> aux_idx, ffi::ResultBuffer<ffi::F32, 2> aux_val,
+                              ffi::ResultBufferR0<ffi::F32> smallest, ffi::ResultBufferR0<ffi::S32> passes) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), id = idx->dimensions(), ad = aux_idx->dimensions();
+  const int64_t R = xd[0], F = wd[1];
+  if (xd[1] != wd[0] || b.dimensions()[0] != F || mask_aux.dimensions()[0] != F || row->dimensions()[0] != id[0] ||
+      ad[0] != R || id[1] < 1)
+    return ffi::Error::InvalidArgument("encode_batchtopk: x [R, d], w [d, F], b, mask_aux [F], codes disagree");
+  const BatchTopkOut o{row->typed_data(), idx->typed_data(), aux_idx->typed_data(), val->typed_data(),
+                       aux_val->typed_data(), id[0], id[1], ad[1]};
+  passes->typed_data()[0] = EncodeBatchTopk(x.typed_data(), w.typed_data(), b.typed_data(), R, xd[1], F,
+                                            kb.typed_data()[0], mask_aux.typed_data(), k_aux.typed_data()[0], o,
+                                            smallest->typed_data());
   return ffi::Error::Success();
 }
 
@@ -1150,6 +1424,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeEncodeTopk, EncodeTopkFfi,
                                   .Ret<F32Mat>()
                                   .Ret<I32Mat>()
                                   .Ret<F32Mat>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeEncodeBatchTopk, EncodeBatchTopkFfi,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32Mat>()
+                                  .Arg<F32Mat>()
+                                  .Arg<F32Vec>()
+                                  .Arg<ffi::BufferR0<ffi::S32>>()
+                                  .Arg<BoolVec>()
+                                  .Arg<ffi::BufferR0<ffi::S32>>()
+                                  .Ret<I32Vec>()
+                                  .Ret<I32Mat>()
+                                  .Ret<F32Mat>()
+                                  .Ret<I32Mat>()
+                                  .Ret<F32Mat>()
+                                  .Ret<ffi::BufferR0<ffi::F32>>()
+                                  .Ret<ffi::BufferR0<ffi::S32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaePositiveHistogram, HistogramFfi,
                               ffi::Ffi::Bind()

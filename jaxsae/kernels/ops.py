@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxsae.kernels import kernel
+from jaxsae.kernels import backend, kernel
 from jaxsae.selection import all_gather, axis_index, psum, sum_to_vma, vary_like
 
 
@@ -112,6 +112,32 @@ def encode_topk(x, w_enc, b_enc, k, mask, size: int, k_aux, mask_aux, size_aux: 
     [b, F] pre-activations are never held whole by the CPU kernel. Returns (idx [b, size], pre at idx,
     aux_idx [b, size_aux], pre at aux_idx); constants (no gradient)."""
     return _call("encode_topk", x, w_enc, b_enc, k, mask, size, k_aux, mask_aux, size_aux)
+
+
+def values_at(a: jax.Array, row: jax.Array, slot: jax.Array) -> jax.Array:
+    """a[row[c], slot[c, j]] for a [b, n], 0 where slot is -1 (codes' values read off dense rows)."""
+    got = a[row[:, None], jnp.maximum(slot, 0)]
+    return jnp.where(slot >= 0, got, jnp.zeros((), a.dtype))
+
+
+def encode_batchtopk(
+    x, w_enc, b_enc, k, k_max: int, k_aux, mask_aux, data: str | None = None, fused: bool = True
+):
+    """batchtopk's selection on centred rows x [b, d] (rows split over `data`): the codes
+    select_batchtopk(pre, k, k_max, data) with pre = encode(x, w_enc, b_enc) [b, F] and their values
+    (row [C], idx [C, k_max], pre at the slots), aux-k's per-row top k_aux among latents with mask_aux
+    (idx [b, k_aux], pre at idx) and the smallest kept value. On one shard with the CPU kernels the
+    [b, F] pre-activations are never held (jaxsae.kernels.cpu.encode_batchtopk); else (or not `fused`)
+    this composition, which defines the result. Constants (no gradient)."""
+    b = x.shape[0]
+    if fused and data is None and hasattr(backend(), "encode_batchtopk"):
+        kb = jnp.asarray(k, jnp.int32) * b
+        out = _call("encode_batchtopk", x, w_enc, b_enc, kb, mask_aux, k_aux, 2 * b, k_max, k_aux)
+        return out[:6]
+    pre, hist = encode_histogram(x, w_enc, b_enc)
+    row, idx, smallest = select_batchtopk(pre, k, k_max, data, hist)
+    rows, aux_idx = select_topk(pre, k_aux, k_aux, mask=mask_aux)
+    return row, idx, values_at(pre, row, idx), aux_idx, values_at(pre, rows, aux_idx), smallest
 
 
 
