@@ -84,9 +84,10 @@ def test_sparse_products(shape):
 
 
 
-def test_scatter_with_dense_latents():
-    """Latents in at least a quarter of the rows (aux-k's dead latents are in all) are summed by a GEMM,
-    more than one block of them (256) here, beside light ones in the same rows and chunks."""
+def test_sparse_products_with_dense_latents():
+    """Latents in at least a quarter of the rows (aux-k's dead latents are in all) take a GEMM in the
+    scatters and gathers, more than one block of them (256) here, beside light ones in the same rows and
+    chunks; against numpy, slot by slot."""
     rng = np.random.default_rng(3)
     b, n_latents, d, size = 64, 700, 8, 48
     dense = rng.choice(n_latents, 300, replace=False)
@@ -107,6 +108,12 @@ def test_scatter_with_dense_latents():
     np.add.at(want, idx[idx >= 0], val[idx >= 0][:, None] * y[slot_rows])
     close(cpu.scatter_rows(row, idx, val, y, n_latents), jnp.asarray(want), rtol=1e-4)
     close(cpu.scatter_cols(row, idx, val, y, n_latents), jnp.asarray(want.T), rtol=1e-4)
+    w = rng.standard_normal((n_latents, d)).astype(np.float32)
+    decoded = np.zeros((b, d), np.float32)
+    np.add.at(decoded, slot_rows, val[idx >= 0][:, None] * w[idx[idx >= 0]])
+    close(cpu.gather_sum(row, idx, val, w, b), jnp.asarray(decoded), rtol=1e-4)
+    dots = np.where(idx >= 0, np.einsum("cd,cjd->cj", y[row], w[np.maximum(idx, 0)]), 0).astype(np.float32)
+    close(cpu.gather_dot(row, idx, y, w), jnp.asarray(dots), rtol=1e-4)
 
 def test_sparse_products_bfloat16_inputs():
     """bfloat16 values are cast to float32 by the wrapper, as the reference does before accumulating."""

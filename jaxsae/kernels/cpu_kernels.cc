@@ -178,12 +178,121 @@ inline void Split(int64_t n, int64_t& lo, int64_t& hi) {
   hi = n * (t + 1) / nt;
 }
 
+// Sparse codes whose slots are scattered: chunked ELL (row [C], idx [C, K], val [C, K]); `row_offset`
+// is added to row to index y (several code sets can share one y).
+struct Codes {
+  const int32_t* row;
+  const int32_t* idx;
+  const float* val;
+  int64_t C, K, row_offset;
+};
+
+// Calls fn(latent, row, value) for the valid slots [s0, s1) of `c` (row clamped into [0, B), as y[row],
+// without the set's row_offset).
+template <typename Fn>
+void ForSlots(const Codes& c, int64_t s0, int64_t s1, int64_t B, int64_t F, Fn fn) {
+  for (int64_t s = s0; s < s1; ++s) {
+    const uint32_t i = (uint32_t)c.idx[s];  // negatives become huge: both kinds of invalid id are skipped
+    if (i >= (uint64_t)F) continue;
+    const int64_t r = c.row[s / c.K];
+    fn(i, (int32_t)std::clamp<int64_t>(r < 0 ? r + B : r, 0, B - 1), c.val ? c.val[s] : 0.0f);
+  }
+}
+
+// Slots per latent of one code set [F], counted in parallel.
+std::vector<int32_t> LatentCounts(const Codes& c, int64_t B, int64_t F) {
+  const int nt_max = omp_get_max_threads();
+  std::vector<int32_t> priv((int64_t)nt_max * F), out(F);
+#pragma omp parallel
+  {
+    int64_t s0, s1;
+    Split(c.C * c.K, s0, s1);
+    int32_t* cnt = priv.data() + (int64_t)omp_get_thread_num() * F;
+    std::fill(cnt, cnt + F, 0);
+    ForSlots(c, s0, s1, B, F, [&](uint32_t i, int32_t, float) { ++cnt[i]; });
+#pragma omp barrier
+    int64_t f0, f1;
+    Split(F, f0, f1);
+    for (int64_t f = f0; f < f1; ++f) {
+      int32_t n = 0;
+      for (int u = 0; u < omp_get_num_threads(); ++u) n += priv[(int64_t)u * F + f];
+      out[f] = n;
+    }
+  }
+  return out;
+}
+
+bool SerialBlas() {
+  static const bool once = (scipy_openblas_set_num_threads(1), true);  // our OpenMP team splits the work
+  return once;
+}
+
+
+// Latents of one code set in at least 1 / kDenseShare of the rows (aux-k's dead latents: in all of
+// them). The kernels take their part by one GEMM, a pass over the dense operand for all of them,
+// instead of a gather per slot (measured at F 6144, d 768, 61 dead latents: aux-k's part of
+// scatter_adam 38 -> 4 ms, of gather_sum and gather_dot about 6.5 -> 2 ms each).
+constexpr int64_t kDenseShare = 4;
+
+struct DenseLatents {
+  std::vector<int32_t> ids;   // ascending
+  std::vector<int32_t> slot;  // [F]: position in ids, or -1
+  bool has(uint32_t f) const { return f < slot.size() && slot[f] >= 0; }
+};
+
+DenseLatents FindDense(const Codes& c, int64_t rows, int64_t F) {
+  DenseLatents dl{{}, std::vector<int32_t>(F, -1)};
+  if (c.C * c.K * kDenseShare < rows) return dl;
+  const std::vector<int32_t> counts = LatentCounts(c, rows, F);
+  for (int64_t f = 0; f < F; ++f)
+    if (counts[f] * kDenseShare >= rows) {
+      dl.slot[f] = (int32_t)dl.ids.size();
+      dl.ids.push_back((int32_t)f);
+    }
+  return dl;
+}
+
+// Row-major C [m, n] (+)= A [m, k] · op(B), op(B) = B [k, n] or (transposed) B [n, k]ᵀ, by OpenBLAS
+// with the rows of C split over the team (ldb: B's row stride).
+void ParallelGemm(const float* a, const float* b, float* c, int64_t m, int64_t n, int64_t k, int64_t ldb,
+                  bool b_transposed, float beta) {
+  SerialBlas();
+  const FpMode fp;
+#pragma omp parallel
+  {
+    FpScope scope(fp);
+    int64_t r0, r1;
+    Split(m, r0, r1);
+    if (r1 > r0)
+      scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, b_transposed ? CblasTrans : CblasNoTrans, (blasint)(r1 - r0),
+                        (blasint)n, (blasint)k, 1.0f, a + r0 * k, (blasint)k, b, (blasint)ldb, beta, c + r0 * n,
+                        (blasint)n);
+  }
+}
+
+// The rows w[ids] [n, d], contiguous.
+std::vector<float> GatherRowsOf(const float* w, const std::vector<int32_t>& ids, int64_t d) {
+  std::vector<float> out(ids.size() * d);
+  for (size_t j = 0; j < ids.size(); ++j) std::memcpy(out.data() + j * d, w + (int64_t)ids[j] * d, d * sizeof(float));
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------
 // gather_sum: out[r] = Σ val · w[idx] over the slots of row r. Threads own row ranges; as chunks are
 // sorted by row, a row range is a chunk range found by binary search. Each thread lists its non-empty
 // slots once (segments = output rows), then sweeps the list once per tile of d.
 void GatherSum(const int32_t* row, const int32_t* idx, const float* val, const float* w, float* out,
                int64_t C, int64_t K, int64_t F, int64_t d, int64_t R) {
+  const DenseLatents dl = FindDense(Codes{row, idx, val, C, K, 0}, R, F);
+  const bool dense = !dl.ids.empty();
+  if (dense) {  // out = V · w[dense], V [R, n_dense] the dense latents' values
+    const int64_t n = (int64_t)dl.ids.size();
+    std::vector<float> v(R * n, 0.0f);
+    ForSlots(Codes{row, idx, val, C, K, 0}, 0, C * K, R, F,
+             [&](uint32_t f, int32_t r, float x) { if (dl.has(f)) v[r * n + dl.slot[f]] += x; });
+    const std::vector<float> wd = GatherRowsOf(w, dl.ids, d);
+    ParallelGemm(v.data(), wd.data(), out, R, d, n, d, false, 0.0f);
+  }
   const FpMode fp;
 #pragma omp parallel
   {
@@ -192,7 +301,7 @@ void GatherSum(const int32_t* row, const int32_t* idx, const float* val, const f
     Split(R, r0, r1);
     const int64_t c0 = std::lower_bound(row, row + C, (int32_t)r0) - row;
     const int64_t c1 = std::lower_bound(row, row + C, (int32_t)r1) - row;
-    std::fill(out + r0 * d, out + r1 * d, 0.0f);
+    if (!dense) std::fill(out + r0 * d, out + r1 * d, 0.0f);
     std::vector<int32_t> src;
     std::vector<float> wt;
     std::vector<int64_t> begin, out_row;
@@ -205,7 +314,7 @@ void GatherSum(const int32_t* row, const int32_t* idx, const float* val, const f
       }
       for (int64_t j = 0; j < K; ++j) {
         const int32_t i = idx[c * K + j];
-        if (i < 0) continue;
+        if (i < 0 || dl.has((uint32_t)i)) continue;
         src.push_back(std::min<int32_t>(i, (int32_t)(F - 1)));  // jnp gathers clamp out-of-range ids
         wt.push_back(val[c * K + j]);
       }
@@ -220,6 +329,13 @@ void GatherSum(const int32_t* row, const int32_t* idx, const float* val, const f
 // gather_dot: out[c, j] = y[row[c]] · w[idx[c, j]]; threads own chunk ranges; four dots share y loads.
 void GatherDot(const int32_t* row, const int32_t* idx, const float* y, const float* w, float* out,
                int64_t C, int64_t K, int64_t B, int64_t F, int64_t d) {
+  const DenseLatents dl = FindDense(Codes{row, idx, nullptr, C, K, 0}, B, F);
+  std::vector<float> yw;  // [B, n_dense] = y · w[dense]ᵀ, read at the dense latents' slots
+  if (!dl.ids.empty()) {
+    const std::vector<float> wd = GatherRowsOf(w, dl.ids, d);
+    yw.resize(B * dl.ids.size());
+    ParallelGemm(y, wd.data(), yw.data(), B, (int64_t)dl.ids.size(), d, d, true, 0.0f);
+  }
   const FpMode fp;
 #pragma omp parallel
   {
@@ -229,8 +345,12 @@ void GatherDot(const int32_t* row, const int32_t* idx, const float* y, const flo
     std::fill(out + c0 * K, out + c1 * K, 0.0f);
     std::vector<int32_t> src;  // non-empty slots: w row and output position, in order
     std::vector<int64_t> pos;
+    const int64_t n_dense = (int64_t)dl.ids.size();
     for (int64_t s = c0 * K; s < c1 * K; ++s)
-      if (idx[s] >= 0) {
+      if (dl.has((uint32_t)idx[s])) {
+        const int64_t r = row[s / K];
+        out[s] = yw[std::clamp<int64_t>(r < 0 ? r + B : r, 0, B - 1) * n_dense + dl.slot[idx[s]]];
+      } else if (idx[s] >= 0) {
         src.push_back(std::min<int32_t>(idx[s], (int32_t)(F - 1)));
         pos.push_back(s);
       }
@@ -259,50 +379,6 @@ void GatherDot(const int32_t* row, const int32_t* idx, const float* y, const flo
   }
 }
 
-// Sparse codes whose slots are scattered: chunked ELL (row [C], idx [C, K], val [C, K]); `row_offset`
-// is added to row to index y (several code sets can share one y).
-struct Codes {
-  const int32_t* row;
-  const int32_t* idx;
-  const float* val;
-  int64_t C, K, row_offset;
-};
-
-// Calls fn(latent, row, value) for the valid slots [s0, s1) of `c` (row clamped into [0, B), as y[row],
-// without the set's row_offset).
-template <typename Fn>
-void ForSlots(const Codes& c, int64_t s0, int64_t s1, int64_t B, int64_t F, Fn fn) {
-  for (int64_t s = s0; s < s1; ++s) {
-    const uint32_t i = (uint32_t)c.idx[s];  // negatives become huge: both kinds of invalid id are skipped
-    if (i >= (uint64_t)F) continue;
-    const int64_t r = c.row[s / c.K];
-    fn(i, (int32_t)std::clamp<int64_t>(r < 0 ? r + B : r, 0, B - 1), c.val[s]);
-  }
-}
-
-// Slots per latent of one code set [F], counted in parallel.
-std::vector<int32_t> LatentCounts(const Codes& c, int64_t B, int64_t F) {
-  const int nt_max = omp_get_max_threads();
-  std::vector<int32_t> priv((int64_t)nt_max * F), out(F);
-#pragma omp parallel
-  {
-    int64_t s0, s1;
-    Split(c.C * c.K, s0, s1);
-    int32_t* cnt = priv.data() + (int64_t)omp_get_thread_num() * F;
-    std::fill(cnt, cnt + F, 0);
-    ForSlots(c, s0, s1, B, F, [&](uint32_t i, int32_t, float) { ++cnt[i]; });
-#pragma omp barrier
-    int64_t f0, f1;
-    Split(F, f0, f1);
-    for (int64_t f = f0; f < f1; ++f) {
-      int32_t n = 0;
-      for (int u = 0; u < omp_get_num_threads(); ++u) n += priv[(int64_t)u * F + f];
-      out[f] = n;
-    }
-  }
-  return out;
-}
-
 // out [d, n] = a [n, d] transposed, in 8 × 8 blocks.
 void Transpose(const float* a, int64_t n, int64_t d, float* out) {
   for (int64_t j0 = 0; j0 < n; j0 += 8)
@@ -311,11 +387,8 @@ void Transpose(const float* a, int64_t n, int64_t d, float* out) {
         for (int64_t x = x0; x < std::min(x0 + 8, d); ++x) out[x * n + j] = a[j * d + x];
 }
 
-// The sums Σ val · y[row] per latent of several code sets, in two parts. A latent with at least a
-// quarter of the batch's rows in one set (aux-k's dead latents take every row) is summed for that set
-// by a GEMM, V [n, B] · y[set rows] [B, d] by OpenBLAS: one pass over y for all such latents instead of
-// one per latent (measured at F 6144, d 768, 61 dead latents: aux-k's share of scatter_adam 38 → 4 ms).
-// The other slots are grouped by latent (CSC): latent f's are [start[f], start[f + 1]) of
+// The sums Σ val · y[row] per latent of several code sets, in two parts: a set's dense latents (see
+// DenseLatents) by a GEMM, V [n, B] · y[set rows] [B, d], into `dense`. The other slots are grouped by latent (CSC): latent f's are [start[f], start[f + 1]) of
 // (src_row, src_val), src_row indexing y with the set's row_offset added; built by a counting sort.
 struct LatentSums {
   std::vector<int64_t> start;
@@ -325,39 +398,21 @@ struct LatentSums {
   std::vector<float> dense;         // [n_dense, d]
 };
 
-constexpr int64_t kDenseShare = 4;      // dense in a set: ≥ B / kDenseShare slots there
-constexpr int64_t kDenseBlock = 256;    // latents per GEMM (bounds V to kDenseBlock · B floats)
+constexpr int64_t kDenseBlock = 256;  // latents per GEMM (bounds V to kDenseBlock · B floats)
 
-bool SerialBlas() {
-  static const bool once = (scipy_openblas_set_num_threads(1), true);  // our OpenMP team splits the work
-  return once;
-}
-
-// dense[slot[f]] += Σ over set c's slots of latent f (f in `latents`) of val · y_c[row], y_c [B, d].
-void DenseSums(const Codes& c, const std::vector<int32_t>& latents, const int32_t* slot, const float* y_c,
-               int64_t B, int64_t F, int64_t d, float* dense) {
-  SerialBlas();
-  const FpMode fp;
-  std::vector<int32_t> local(F, -1);
-  for (size_t j = 0; j < latents.size(); ++j) local[latents[j]] = (int32_t)j;
-  for (int64_t j0 = 0; j0 < (int64_t)latents.size(); j0 += kDenseBlock) {
-    const int64_t n = std::min<int64_t>(kDenseBlock, latents.size() - j0);
+// dense[slot[f]] += Σ over set c's slots of latent f (f in dl) of val · y_c[row], y_c [B, d].
+void DenseSums(const Codes& c, const DenseLatents& dl, const int32_t* slot, const float* y_c, int64_t B, int64_t F,
+               int64_t d, float* dense) {
+  for (int64_t j0 = 0; j0 < (int64_t)dl.ids.size(); j0 += kDenseBlock) {
+    const int64_t n = std::min<int64_t>(kDenseBlock, dl.ids.size() - j0);
     std::vector<float> v(n * B, 0.0f), out(n * d);
     ForSlots(c, 0, c.C * c.K, B, F, [&](uint32_t i, int32_t r, float val) {
-      const int64_t q = local[i] - j0;
-      if (local[i] >= 0 && q >= 0 && q < n) v[q * B + r] += val;
+      const int64_t q = dl.has(i) ? dl.slot[i] - j0 : -1;
+      if (q >= 0 && q < n) v[q * B + r] += val;
     });
-#pragma omp parallel
-    {
-      FpScope scope(fp);
-      int64_t x0, x1;
-      Split(d, x0, x1);
-      if (x1 > x0)
-        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)n, (blasint)(x1 - x0), (blasint)B,
-                          1.0f, v.data(), (blasint)B, y_c + x0, (blasint)d, 0.0f, out.data() + x0, (blasint)d);
-    }
+    ParallelGemm(v.data(), y_c, out.data(), n, d, B, d, false, 0.0f);
     for (int64_t q = 0; q < n; ++q) {
-      float* o = dense + (int64_t)slot[latents[j0 + q]] * d;
+      float* o = dense + (int64_t)slot[dl.ids[j0 + q]] * d;
       for (int64_t x = 0; x < d; ++x) o[x] += out[q * d + x];
     }
   }
@@ -365,22 +420,16 @@ void DenseSums(const Codes& c, const std::vector<int32_t>& latents, const int32_
 
 LatentSums BuildSums(const Codes* sets, int n_sets, int64_t B, int64_t F, const float* y, int64_t d) {
   LatentSums ls{std::vector<int64_t>(F + 1), {}, {}, std::vector<int32_t>(F, -1), {}};
-  std::vector<std::vector<int32_t>> dense_in(n_sets);  // per set: its dense latents
-  std::vector<uint8_t> light((int64_t)n_sets * F, 1);
+  std::vector<DenseLatents> dense_in;  // per set: its dense latents
   int32_t n_dense = 0;
   for (int q = 0; q < n_sets; ++q) {
-    if (sets[q].C * sets[q].K < B / kDenseShare) continue;
-    const std::vector<int32_t> counts = LatentCounts(sets[q], B, F);
-    for (int64_t f = 0; f < F; ++f) {
-      if (counts[f] * kDenseShare < B) continue;
-      dense_in[q].push_back((int32_t)f);
-      light[q * F + f] = 0;
+    dense_in.push_back(FindDense(sets[q], B, F));
+    for (int32_t f : dense_in[q].ids)
       if (ls.dense_slot[f] < 0) ls.dense_slot[f] = n_dense++;
-    }
   }
   ls.dense.assign((int64_t)n_dense * d, 0.0f);
   for (int q = 0; q < n_sets; ++q)
-    if (!dense_in[q].empty())
+    if (!dense_in[q].ids.empty())
       DenseSums(sets[q], dense_in[q], ls.dense_slot.data(), y + sets[q].row_offset * d, B, F, d, ls.dense.data());
 
   // The light slots by a parallel counting sort over the sets laid end to end.
@@ -391,10 +440,9 @@ LatentSums BuildSums(const Codes* sets, int n_sets, int64_t B, int64_t F, const 
     for (int q = 0; q < n_sets; ++q) {
       const Codes& c = sets[q];
       const int64_t n = c.C * c.K, lo = std::max(s0 - base, (int64_t)0), hi = std::min(s1 - base, n);
-      const uint8_t* keep = light.data() + q * F;
       if (lo < hi)
         ForSlots(c, lo, hi, B, F, [&](uint32_t i, int32_t r, float v) {
-          if (keep[i]) fn(i, (int32_t)(r + c.row_offset), v);
+          if (!dense_in[q].has(i)) fn(i, (int32_t)(r + c.row_offset), v);
         });
       base += n;
     }
