@@ -74,7 +74,7 @@ def select(
     global (one row may hold a thousand of the batch's k·B entries): on one data shard the CPU kernel
     keeps, while encoding, only the entries above a guessed bound of it (no [b, F] array either, see
     jaxsae.kernels.ops.encode_batchtopk); over several shards it selects over the [b, F] pre-activations.
-    jumprelu keeps the entries above θ − ε/2."""
+    jumprelu keeps the entries above θ − ε/2, also selected while encoding on the CPU."""
     params = jax.tree.map(lax.stop_gradient, params)
     b, n_latents = x.shape[0], params["W_enc"].shape[1]
     xc = x - params["b_dec"]
@@ -87,12 +87,11 @@ def select(
         )
         return Selection(rows, idx, pre, rows, aux_idx, aux_pre, jnp.zeros((), pre.dtype), jnp.asarray(True))
     if cfg.architecture == "jumprelu":
-        pre = ops.encode(xc, w_enc, b_enc)
-        counts = band_counts(cfg, params, pre)
-        row, idx = select_jumprelu(cfg, params, pre, counts)
+        floor, n_chunks = _band_floor(cfg, params), _jumprelu_chunks(cfg, b)
+        row, idx, pre, counts = ops.encode_above(xc, w_enc, b_enc, floor, JUMPRELU_CHUNK, n_chunks)
         none = jnp.zeros((b, 0), jnp.int32)
-        return Selection(row, idx, ops.values_at(pre, row, idx), rows, none, none.astype(pre.dtype),
-                         jnp.zeros((), pre.dtype), jumprelu_fits(cfg, counts))
+        return Selection(row, idx, pre, rows, none, none.astype(pre.dtype), jnp.zeros((), pre.dtype),
+                         jumprelu_fits(cfg, counts))
     row, idx, pre, aux_idx, aux_pre, smallest = ops.encode_batchtopk(
         xc, w_enc, b_enc, hp.k, k_max, k_aux, dead, axes.data
     )
@@ -172,21 +171,9 @@ def _jumprelu_chunks(cfg: SAEConfig, b: int) -> int:
     return b + b * max(4 * cfg.k, 128) // JUMPRELU_CHUNK
 
 
-def band_counts(cfg: SAEConfig, params: Params, pre: jax.Array) -> jax.Array:
-    """[b] int32: per row of pre [b, F], jumprelu's entries above θ − ε/2 (the sparse codes' entries)."""
-    return ops.count_above(pre, _band_floor(cfg, params))
-
-
 def jumprelu_fits(cfg: SAEConfig, counts: jax.Array) -> jax.Array:
     """Whether rows with `counts` [b] entries fit the sparse codes (else the step uses the dense loss)."""
     return jnp.sum((counts + JUMPRELU_CHUNK - 1) // JUMPRELU_CHUNK) <= _jumprelu_chunks(cfg, counts.shape[0])
-
-
-def select_jumprelu(cfg: SAEConfig, params: Params, pre: jax.Array, counts: jax.Array | None = None):
-    """jumprelu's sparse codes as chunked ELL (row, idx): the entries of pre [b, F] above θ − ε/2;
-    `counts` from `band_counts` if already computed."""
-    b = pre.shape[0]
-    return ops.select_above(pre, _band_floor(cfg, params), JUMPRELU_CHUNK, _jumprelu_chunks(cfg, b), counts)
 
 
 def _pmean(axis: str | None, v: jax.Array) -> jax.Array:

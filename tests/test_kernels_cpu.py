@@ -265,6 +265,30 @@ def test_encode_batchtopk_equals_encode_then_select(case):
         assert passes is None or int(got[6]) == passes, case
         assert int(np.sum(np.asarray(got[1]) >= 0)) == min(k * x.shape[0], int(np.sum(x @ w + b > 0)))
 
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_encode_above_equals_encode_then_select(fits):
+    """jumprelu's fused selection equals count_above + select_above + values on the encoder's output
+    where the entries fit the chunks (thresholds per latent, some negative); where they do not, the
+    counts still do (the step then takes the dense loss) and nothing is written out of bounds."""
+    rng = np.random.default_rng(5)
+    rows, d, n_latents, size = 600, 8, 150, 8
+    x = rng.standard_normal((rows, d)).astype(np.float32)
+    w = rng.standard_normal((d, n_latents)).astype(np.float32)
+    b = (0.1 * rng.standard_normal(n_latents)).astype(np.float32)
+    thr = (rng.random(n_latents) * 4 - 0.5).astype(np.float32)
+    n_chunks = rows * (n_latents // size + 1) if fits else rows // 2
+    compose = jax.jit(partial(ops.encode_above, fused=False), static_argnums=(4, 5))
+    want = compose(x, w, b, thr, size, n_chunks)
+    got = jax.jit(cpu.encode_above, static_argnums=(4, 5))(x, w, b, thr, n_chunks, size)
+    np.testing.assert_array_equal(np.asarray(got[3]), np.asarray(want[3]), err_msg="counts")
+    needed = int(np.sum((np.asarray(want[3]) + size - 1) // size))
+    assert (needed <= n_chunks) == fits
+    if fits:
+        for name, g, wv in zip(("row", "idx", "val", "counts"), got, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(wv), err_msg=name)
+    assert np.asarray(got[1]).shape == (n_chunks, size)
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_row_counts_and_compact(shape):
     b, n_latents, _, size = shape

@@ -35,6 +35,7 @@ _TARGETS = {
     "encode_topk": "JaxsaeEncodeTopk",
     "encode_histogram": "JaxsaeEncodeHistogram",
     "encode_batchtopk": "JaxsaeEncodeBatchTopk",
+    "encode_above": "JaxsaeEncodeAbove",
     "adam": "JaxsaeAdam",
     "adam_rows": "JaxsaeAdamRows",
     "scatter_adam_rows": "JaxsaeScatterAdamRows",
@@ -206,6 +207,20 @@ def encode_batchtopk(
     )
     mask_aux = jnp.asarray(mask_aux, jnp.bool_)
     return tuple(_call("encode_batchtopk", out, _f32(x), _f32(w), _f32(b), _i32(kb), mask_aux, _i32(k_aux)))
+
+
+def encode_above(x: jax.Array, w: jax.Array, b: jax.Array, thr: jax.Array, n_chunks: int, size: int):
+    """The entries of pre = x·w + b above thr [F] (x [R, d], w [d, F]) without holding pre: chunked ELL
+    (row [n_chunks], idx [n_chunks, size] int32, pre at the slots) and each row's count [R] int32, as
+    ops.encode_above's composition where the entries fit (else the codes are incomplete)."""
+    rows = x.shape[0]
+    out = (
+        jax.ShapeDtypeStruct((n_chunks,), jnp.int32),
+        jax.ShapeDtypeStruct((n_chunks, size), jnp.int32),
+        jax.ShapeDtypeStruct((n_chunks, size), jnp.float32),
+        jax.ShapeDtypeStruct((rows,), jnp.int32),
+    )
+    return tuple(_call("encode_above", out, _f32(x), _f32(w), _f32(b), _f32(thr)))
 
 
 def adam(

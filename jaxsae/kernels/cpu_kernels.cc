@@ -11,6 +11,7 @@
 #endif
 
 #include <algorithm>
+#include <climits>
 #include <atomic>
 #include <cmath>
 #include <utility>
@@ -965,27 +966,28 @@ struct Threshold {
   int64_t need;
 };
 
-struct BatchTopkOut {
-  int32_t *row, *idx, *aux_idx;
-  float *val, *aux_val;
-  int64_t n_chunks, size, size_aux;
+// Chunked ELL written by a kernel: row [n_chunks], idx [n_chunks, size], the values at the slots.
+struct EllOut {
+  int32_t *row, *idx;
+  float* val;
+  int64_t n_chunks, size;
 };
 
-// Writes the chunked ELL of the pool's entries above t plus its first `need` equal to t (pool: row-major,
-// holding every entry >= t, or at least the first `need` equal ones).
-void EmitSelection(const std::vector<PoolEntry>& pool, Threshold th, int64_t R, const BatchTopkOut& o) {
+// Writes the pool's entries for which take(entry) holds (called once per entry, in pool order) as
+// chunked ELL: row r's entries, in pool order (row-major: latents ascending), fill the chunks from
+// chunk_start[r] = Σ_{r' < r} ceil(taken[r'] / size) on; entries past the last chunk are dropped.
+template <typename Take>
+void EmitCodes(const std::vector<PoolEntry>& pool, Take take_fn, int64_t R, const EllOut& o) {
   std::vector<int64_t> taken(R, 0);
   std::vector<uint8_t> take(pool.size());
-  int64_t n_eq = 0;
   for (size_t i = 0; i < pool.size(); ++i) {
-    const PoolEntry& e = pool[i];
-    take[i] = e.bits > th.bits || (e.bits == th.bits && n_eq++ < th.need);
-    taken[e.row] += take[i];
+    take[i] = take_fn(pool[i]);
+    taken[pool[i].row] += take[i];
   }
   std::vector<int32_t> chunk_start(R);
   int64_t acc = 0;
   for (int64_t r = 0; r < R; ++r) {
-    chunk_start[r] = (int32_t)acc;
+    chunk_start[r] = (int32_t)std::min<int64_t>(acc, INT32_MAX);
     acc += (taken[r] + o.size - 1) / o.size;
   }
   const int64_t total = o.n_chunks * o.size;
@@ -1026,8 +1028,9 @@ std::vector<PoolEntry> Concatenate(std::vector<std::vector<PoolEntry>>& blocks) 
 
 // Returns the number of encoder passes run (1 when the guess held).
 int32_t EncodeBatchTopk(const float* x, const float* w, const float* b, int64_t R, int64_t d, int64_t F, int64_t kb,
-                        const bool* mask_aux, int64_t k_aux, const BatchTopkOut& o, float* smallest) {
-  const RowTopk aux(mask_aux, F, k_aux, o.size_aux);
+                        const bool* mask_aux, int64_t k_aux, const EllOut& o, int32_t* aux_idx, float* aux_val,
+                        int64_t size_aux, float* smallest) {
+  const RowTopk aux(mask_aux, F, k_aux, size_aux);
   const int64_t blk = EncodeBlockRows(F), nb = (R + blk - 1) / blk, cap = std::max<int64_t>(kPoolRoom * kb, 1024);
   const int nt_max = omp_get_max_threads();
   std::vector<int32_t> priv((int64_t)nt_max * kBins, 0);
@@ -1052,8 +1055,8 @@ int32_t EncodeBatchTopk(const float* x, const float* w, const float* b, int64_t 
       HistogramLevel0(buf.data(), 0, n * F, h);
       for (int64_t r = r0; r < r0 + n; ++r) {
         const float* a = buf.data() + (r - r0) * F;
-        aux.Run(a, scratch[t], o.aux_idx + r * o.size_aux);
-        ValuesAt(a, o.aux_idx + r * o.size_aux, o.size_aux, o.aux_val + r * o.size_aux);
+        aux.Run(a, scratch[t], aux_idx + r * size_aux);
+        ValuesAt(a, aux_idx + r * size_aux, size_aux, aux_val + r * size_aux);
       }
     };
     auto collect = [&](int64_t q) {
@@ -1136,9 +1139,45 @@ int32_t EncodeBatchTopk(const float* x, const float* w, const float* b, int64_t 
     const int64_t lo = TopBin(low.data(), kb - above_hi, above_lo);
     th = Threshold{(int32_t)((hi << 16) | lo), kb - above_hi - above_lo};
   }
-  EmitSelection(pool, th, R, o);
+  int64_t n_eq = 0;
+  EmitCodes(pool, [&](const PoolEntry& e) { return e.bits > th.bits || (e.bits == th.bits && n_eq++ < th.need); },
+            R, o);
   std::memcpy(smallest, &th.bits, 4);
   return passes;
+}
+
+// ---------------------------------------------------------------------------------------------
+// encode_above: the entries of pre = x·w + b above a per-latent threshold thr [F] (jumprelu's band) as
+// chunked ELL with their values, and each row's count: select_above(pre, thr) with count_above's counts
+// (see ops.encode_above), without holding pre. Each row block's entries are pooled while in cache, at
+// most n_chunks · size in all (more cannot fit: the caller then takes the dense loss), and written out at
+// the end.
+void EncodeAbove(const float* x, const float* w, const float* b, const float* thr, int64_t R, int64_t d, int64_t F,
+                 const EllOut& o, int32_t* counts) {
+  const int64_t nb = (R + EncodeBlockRows(F) - 1) / EncodeBlockRows(F), cap = o.n_chunks * o.size;
+  std::vector<std::vector<PoolEntry>> blocks(nb);
+  std::atomic<int64_t> pooled{0};
+  ForEncodedBlocks(x, w, b, R, d, F, [&](int64_t q, int64_t r0, int64_t n, float* buf) {
+    std::vector<PoolEntry>& out = blocks[q];
+    const int64_t room = cap - pooled.load();
+    for (int64_t r = 0; r < n; ++r) {
+      const float* a = buf + r * F;
+      int32_t cnt = 0;
+      auto visit = [&](int64_t f) {
+        if (!(a[f] > thr[f])) return;
+        ++cnt;
+        if ((int64_t)out.size() < room) out.push_back({(int32_t)(r0 + r), (int32_t)f, LoadV<int32_t>(a + f)});
+      };
+      int64_t f = 0;
+      for (; f + 16 <= F; f += 16)
+        if (Any((Load8(a + f) > Load8(thr + f)) | (Load8(a + f + 8) > Load8(thr + f + 8))))
+          for (int z = 0; z < 16; ++z) visit(f + z);
+      for (; f < F; ++f) visit(f);
+      counts[r0 + r] = cnt;
+    }
+    pooled += (int64_t)out.size();
+  });
+  EmitCodes(Concatenate(blocks), [](const PoolEntry&) { return true; }, R, o);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1228,11 +1267,26 @@ ffi::Error EncodeBatchTopkFfi(ffi::Buffer<ffi::F32, 2> x, ffi::Buffer<ffi::F32, 
   if (xd[1] != wd[0] || b.dimensions()[0] != F || mask_aux.dimensions()[0] != F || row->dimensions()[0] != id[0] ||
       ad[0] != R || id[1] < 1)
     return ffi::Error::InvalidArgument("encode_batchtopk: x [R, d], w [d, F], b, mask_aux [F], codes disagree");
-  const BatchTopkOut o{row->typed_data(), idx->typed_data(), aux_idx->typed_data(), val->typed_data(),
-                       aux_val->typed_data(), id[0], id[1], ad[1]};
+  const EllOut o{row->typed_data(), idx->typed_data(), val->typed_data(), id[0], id[1]};
   passes->typed_data()[0] = EncodeBatchTopk(x.typed_data(), w.typed_data(), b.typed_data(), R, xd[1], F,
                                             kb.typed_data()[0], mask_aux.typed_data(), k_aux.typed_data()[0], o,
+                                            aux_idx->typed_data(), aux_val->typed_data(), ad[1],
                                             smallest->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error EncodeAboveFfi(ffi::Buffer<ffi::F32, 2> x, ffi::Buffer<ffi::F32, 2> w, ffi::Buffer<ffi::F32, 1> b,
+                          ffi::Buffer<ffi::F32, 1> thr, ffi::ResultBuffer<ffi::S32, 1> row,
+                          ffi::ResultBuffer<ffi::S32, 2> idx, ffi::ResultBuffer<ffi::F32, 2> val,
+                          ffi::ResultBuffer<ffi::S32, 1> counts) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), id = idx->dimensions();
+  const int64_t R = xd[0], F = wd[1];
+  if (xd[1] != wd[0] || b.dimensions()[0] != F || thr.dimensions()[0] != F || row->dimensions()[0] != id[0] ||
+      counts->dimensions()[0] != R || id[1] < 1)
+    return ffi::Error::InvalidArgument("encode_above: x [R, d], w [d, F], b, thr [F] and the codes disagree");
+  const EllOut o{row->typed_data(), idx->typed_data(), val->typed_data(), id[0], id[1]};
+  EncodeAbove(x.typed_data(), w.typed_data(), b.typed_data(), thr.typed_data(), R, xd[1], F, o,
+              counts->typed_data());
   return ffi::Error::Success();
 }
 
@@ -1488,6 +1542,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeEncodeBatchTopk, EncodeBatchTopkFfi,
                                   .Ret<F32Mat>()
                                   .Ret<ffi::BufferR0<ffi::F32>>()
                                   .Ret<ffi::BufferR0<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeEncodeAbove, EncodeAboveFfi,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32Mat>()
+                                  .Arg<F32Mat>()
+                                  .Arg<F32Vec>()
+                                  .Arg<F32Vec>()
+                                  .Ret<I32Vec>()
+                                  .Ret<I32Mat>()
+                                  .Ret<F32Mat>()
+                                  .Ret<I32Vec>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaePositiveHistogram, HistogramFfi,
                               ffi::Ffi::Bind()

@@ -140,6 +140,19 @@ def encode_batchtopk(
     return row, idx, values_at(pre, row, idx), aux_idx, values_at(pre, rows, aux_idx), smallest
 
 
+def encode_above(x, w_enc, b_enc, thr, size: int, n_chunks: int, fused: bool = True):
+    """jumprelu's selection on centred rows x [b, d]: (row [n_chunks], idx [n_chunks, size], pre at the
+    slots, counts [b]) = select_above(pre, thr, size, n_chunks) of pre = encode(x, w_enc, b_enc) and
+    count_above(pre, thr), thr [F]. With the CPU kernels (and `fused`) pre [b, F] is never held; the codes
+    equal this composition's where they fit (see jaxsae.sparse_loss.jumprelu_fits). Constants."""
+    if fused and hasattr(backend(), "encode_above"):
+        return _call("encode_above", x, w_enc, b_enc, thr, n_chunks, size)
+    pre = encode(x, w_enc, b_enc)
+    counts = count_above(pre, thr)
+    row, idx = select_above(pre, thr, size, n_chunks, counts)
+    return row, idx, values_at(pre, row, idx), counts
+
+
 
 
 def select_topk(acts: jax.Array, k: jax.Array | int, k_max: int, mask: jax.Array | None = None):
