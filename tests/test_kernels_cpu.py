@@ -224,18 +224,23 @@ def thresholds(rng: np.random.Generator, acts: np.ndarray) -> np.ndarray:
 def _batchtopk_case(case: str, rng: np.random.Generator):
     """(x, w, b, k, expected encoder passes or None) of encode_batchtopk's cases: its guess holds; the
     rows of the guess's sample (each thread's first block: 256 rows at these F) are ten times smaller
-    than the rest, so the pool overflows (on ≤ 4 threads, where the sample misses most rows); every
-    entry equal (the threshold's bin overflows the pool); fewer positive entries than k·B."""
-    rows, d, n_latents, k = {"guess holds": (700, 16, 200, 3), "first rows smaller": (1100, 8, 96, 1)}.get(
-        case, (600, 8, 64, 2)
-    )
+    than the rest, so the pool overflows, or ten times larger, so the guess is above the threshold and
+    the pool misses entries (both on ≤ 4 threads, where the sample misses most rows); every entry equal
+    (the threshold's bin overflows the pool); fewer positive entries than k·B."""
+    shapes = {
+        "guess holds": (700, 16, 200, 3),
+        "first rows smaller": (1100, 8, 96, 1),
+        "first rows larger": (4096, 8, 96, 2),
+    }
+    rows, d, n_latents, k = shapes.get(case, (600, 8, 64, 2))
     x = rng.standard_normal((rows, d)).astype(np.float32)
     w = rng.standard_normal((d, n_latents)).astype(np.float32)
     b = (0.1 * rng.standard_normal(n_latents)).astype(np.float32)
     passes = 1
-    if case == "first rows smaller":
-        x[: 256 * len(os.sched_getaffinity(0))] *= 0.1
-        passes = 2 if len(os.sched_getaffinity(0)) <= 4 else None
+    threads = len(os.sched_getaffinity(0))
+    if case in ("first rows smaller", "first rows larger"):
+        x[: 256 * threads] *= 0.1 if case == "first rows smaller" else 10
+        passes = 2 if threads <= 4 else None
     elif case == "all equal":
         w[:] = 0
         b[:] = 0.5
@@ -246,7 +251,9 @@ def _batchtopk_case(case: str, rng: np.random.Generator):
     return x, w, b, k, passes
 
 
-@pytest.mark.parametrize("case", ["guess holds", "first rows smaller", "all equal", "few positives"])
+@pytest.mark.parametrize(
+    "case", ["guess holds", "first rows smaller", "first rows larger", "all equal", "few positives"]
+)
 def test_encode_batchtopk_equals_encode_then_select(case):
     """The fused BatchTopK kernel equals the composition that defines it (encode_histogram,
     select_batchtopk, topk_rows of aux-k, values at the slots) bit for bit, in one, two or three passes."""
