@@ -178,6 +178,7 @@ def encode_topk(
     mask, mask_aux = jnp.asarray(mask, jnp.bool_), jnp.asarray(mask_aux, jnp.bool_)
     return tuple(_call("encode_topk", out, _f32(x), _f32(w), _f32(b), mask, _i32(k), mask_aux, _i32(k_aux)))
 
+
 def encode_batchtopk(
     x: jax.Array,
     w: jax.Array,

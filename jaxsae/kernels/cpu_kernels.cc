@@ -11,8 +11,8 @@
 #endif
 
 #include <algorithm>
-#include <climits>
 #include <atomic>
+#include <climits>
 #include <cmath>
 #include <utility>
 #include <cstdint>
@@ -228,7 +228,6 @@ bool SerialBlas() {
   return once;
 }
 
-
 // Latents of one code set in at least 1 / kDenseShare of the rows (aux-k's dead latents: in all of
 // them). The kernels take their part by one GEMM, a pass over the dense operand for all of them,
 // instead of a gather per slot (measured at F 6144, d 768, 61 dead latents: aux-k's part of
@@ -389,8 +388,9 @@ void Transpose(const float* a, int64_t n, int64_t d, float* out) {
 }
 
 // The sums Σ val · y[row] per latent of several code sets, in two parts: a set's dense latents (see
-// DenseLatents) by a GEMM, V [n, B] · y[set rows] [B, d], into `dense`. The other slots are grouped by latent (CSC): latent f's are [start[f], start[f + 1]) of
-// (src_row, src_val), src_row indexing y with the set's row_offset added; built by a counting sort.
+// DenseLatents) by a GEMM, V [n, B] · y[set rows] [B, d], into `dense`; the other slots grouped by
+// latent (CSC): latent f's are [start[f], start[f + 1]) of (src_row, src_val), src_row indexing y with
+// the set's row_offset added; built by a counting sort.
 struct LatentSums {
   std::vector<int64_t> start;
   std::vector<int32_t> src_row;
@@ -752,6 +752,22 @@ void HistogramLevel0(const float* acts, int64_t i0, int64_t i1, int32_t* h) {
   for (; i < i1; ++i) ++h[(bits[i] >> 16) | (acts[i] > 0.0f ? 0u : 0x8000u)];
 }
 
+// Adds the positive entries acts[i0 : i1] whose high 16 bits equal `prefix` to h by their low 16 bits.
+// Few entries share the prefix: a well-predicted branch on a vectorised block test.
+void HistogramLevel1(const float* acts, int64_t i0, int64_t i1, int64_t prefix, int32_t* h) {
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(acts);
+  const uint32_t want = (uint32_t)prefix;
+  int64_t i = i0;
+  for (; i + 16 <= i1; i += 16) {
+    const u8 hi0 = LoadV<u8>(bits + i) >> 16, hi1 = LoadV<u8>(bits + i + 8) >> 16;
+    if (Any((hi0 == want) | (hi1 == want)))
+      for (int x = 0; x < 16; ++x)
+        if (acts[i + x] > 0.0f && (bits[i + x] >> 16) == want) ++h[bits[i + x] & 0xFFFF];
+  }
+  for (; i < i1; ++i)
+    if (acts[i] > 0.0f && (bits[i] >> 16) == want) ++h[bits[i] & 0xFFFF];
+}
+
 // Sums the team's private histograms priv [nt, kBins] into out, dropping the bins >= `valid`.
 void ReduceHistograms(const std::vector<int32_t>& priv, int nt, int64_t valid, int32_t* out) {
   int64_t k0, k1;
@@ -773,22 +789,10 @@ void Histogram(const float* acts, int64_t n, int32_t prefix, int level, int32_t*
     int64_t i0, i1;
     Split(n, i0, i1);
     int32_t* h = priv.data() + (int64_t)omp_get_thread_num() * kBins;
-    const uint32_t* bits = reinterpret_cast<const uint32_t*>(acts);
-    if (level == 0) {
+    if (level == 0)
       HistogramLevel0(acts, i0, i1, h);
-    } else {
-      // Few entries share the prefix: a well-predicted branch on a vectorised block test.
-      const uint32_t want = (uint32_t)prefix;
-      int64_t i = i0;
-      for (; i + 16 <= i1; i += 16) {
-        const u8 hi0 = LoadV<u8>(bits + i) >> 16, hi1 = LoadV<u8>(bits + i + 8) >> 16;
-        if (Any((hi0 == want) | (hi1 == want)))
-          for (int x = 0; x < 16; ++x)
-            if (acts[i + x] > 0.0f && (bits[i + x] >> 16) == want) ++h[bits[i + x] & 0xFFFF];
-      }
-      for (; i < i1; ++i)
-        if (acts[i] > 0.0f && (bits[i] >> 16) == want) ++h[bits[i] & 0xFFFF];
-    }
+    else
+      HistogramLevel1(acts, i0, i1, prefix, h);
 #pragma omp barrier
     ReduceHistograms(priv, omp_get_num_threads(), level == 0 ? kBins / 2 : kBins, out);
   }
@@ -815,8 +819,8 @@ void RowCounts(const float* acts, const float* thr, int32_t* above, int32_t* equ
   }
 }
 
-// Chunk c's row for the chunked ELL written from chunk_start (as the reference's scatter-max + cummax): the last non-empty row
-// starting at or before it (0 if none); chunks past the last used one get row R - 1.
+// Chunk c's row for the chunked ELL written from chunk_start (as the reference's scatter-max + cummax):
+// the last non-empty row starting at or before it (0 if none); chunks past the last used one get R - 1.
 void ChunkOwners(const int64_t* taken, const int32_t* chunk_start, int64_t R, int64_t n_chunks, int64_t size,
                  int32_t* row_out) {
   std::vector<int32_t> owner(n_chunks + 1, 0);
@@ -943,6 +947,14 @@ bool CollectAbove(const float* buf, int64_t r0, int64_t n, int64_t F, int32_t lo
       if (!visit(f)) return false;
   }
   return true;
+}
+
+// priv [nt, kBins] summed over the team into int64 bins (those >= `valid` left 0), on one thread.
+std::vector<int64_t> SumHistograms(const std::vector<int32_t>& priv, int nt, int64_t valid) {
+  std::vector<int64_t> out(kBins, 0);
+  for (int u = 0; u < nt; ++u)
+    for (int64_t key = 0; key < valid; ++key) out[key] += priv[(int64_t)u * kBins + key];
+  return out;
 }
 
 // The largest bin h whose suffix count Σ_{h' >= h} hist[h'] reaches `need` (>= 1), with above = the
@@ -1072,9 +1084,7 @@ int32_t EncodeBatchTopk(const float* x, const float* w, const float* b, int64_t 
 #pragma omp barrier
 #pragma omp single
     {
-      std::vector<int64_t> sample(kBins, 0);
-      for (int u = 0; u < nt; ++u)
-        for (int64_t key = 0; key < kBins / 2; ++key) sample[key] += priv[(int64_t)u * kBins + key];
+      const std::vector<int64_t> sample = SumHistograms(priv, nt, kBins / 2);
       const int64_t rows = std::min(R, first * blk);
       const int64_t want = std::max<int64_t>(1, (kPoolMargin * kb * rows + R - 1) / R);
       int64_t above;
@@ -1088,9 +1098,7 @@ int32_t EncodeBatchTopk(const float* x, const float* w, const float* b, int64_t 
       collect(q);
     }
   }
-  std::vector<int64_t> hist(kBins, 0);
-  for (int u = 0; u < nt_max; ++u)
-    for (int64_t key = 0; key < kBins / 2; ++key) hist[key] += priv[(int64_t)u * kBins + key];
+  const std::vector<int64_t> hist = SumHistograms(priv, nt_max, kBins / 2);
   int64_t above_hi = 0;
   const int64_t hi = kb > 0 ? TopBin(hist.data(), kb, above_hi) : kBins - 1;
   const bool enough = kb > 0 && hi >= 0;
@@ -1111,15 +1119,9 @@ int32_t EncodeBatchTopk(const float* x, const float* w, const float* b, int64_t 
     } else {  // the level-1 histogram of bin hi, then the selection with its ties trimmed per block
       std::fill(priv.begin(), priv.end(), 0);
       ForEncodedBlocks(x, w, b, R, d, F, [&](int64_t, int64_t, int64_t n, float* buf) {
-        int32_t* h = priv.data() + (int64_t)omp_get_thread_num() * kBins;
-        for (int64_t i = 0; i < n * F; ++i) {
-          const int32_t bits = PositiveBits(buf[i]);
-          if (bits != 0 && (bits >> 16) == hi) ++h[bits & 0xFFFF];
-        }
+        HistogramLevel1(buf, 0, n * F, hi, priv.data() + (int64_t)omp_get_thread_num() * kBins);
       });
-      std::vector<int64_t> low(kBins, 0);
-      for (int u = 0; u < nt_max; ++u)
-        for (int64_t key = 0; key < kBins; ++key) low[key] += priv[(int64_t)u * kBins + key];
+      const std::vector<int64_t> low = SumHistograms(priv, nt_max, kBins);
       int64_t above_lo = 0;
       const int64_t lo = TopBin(low.data(), kb - above_hi, above_lo);
       th = Threshold{(int32_t)((hi << 16) | lo), kb - above_hi - above_lo};
@@ -1131,7 +1133,7 @@ int32_t EncodeBatchTopk(const float* x, const float* w, const float* b, int64_t 
     }
   }
   const std::vector<PoolEntry> pool = Concatenate(blocks);
-  if (kb > 0 && enough && !exact) {  // level 1 from the pool, which holds all of bin hi
+  if (enough && !exact) {  // level 1 from the pool, which holds all of bin hi
     std::vector<int64_t> low(kBins, 0);
     for (const PoolEntry& e : pool)
       if ((e.bits >> 16) == hi) ++low[e.bits & 0xFFFF];

@@ -153,8 +153,6 @@ def encode_above(x, w_enc, b_enc, thr, size: int, n_chunks: int, fused: bool = T
     return row, idx, values_at(pre, row, idx), counts
 
 
-
-
 def select_topk(acts: jax.Array, k: jax.Array | int, k_max: int, mask: jax.Array | None = None):
     """TopK as chunked ELL: (row [b], idx [b, k_max]); per row the k largest positive entries of
     acts [b, F] among latents with mask [F] (default all)."""
