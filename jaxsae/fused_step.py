@@ -1,5 +1,5 @@
 """The sparse step's loss, gradients and Adam update with W_enc's and W_dec's gradients never
-materialised (topk and batchtopk): their gradients are scatters of a few [b, d] and [C, K] arrays
+materialised (topk, batchtopk, jumprelu): their gradients are scatters of a few [b, d] and [C, K] arrays
 (jaxsae.kernels.ops), so instead of writing two [F, d] gradients and reading them back in Adam, the
 kernel `scatter_adam` accumulates each tile of latents and applies Adam to it at once, in place.
 
@@ -7,7 +7,8 @@ The gradients it scatters are the loss's gradients with respect to `Taps` (zeros
 products' outputs, see jaxsae.sparse_loss): those, the small parameters' gradients and the codes are
 all the step needs. Equal to jaxsae.step's unfused path (tests/test_fused_step.py). Needs: no gradient
 clipping (the global norm needs the whole gradient first), a data axis of size 1 (each device owns its
-SAEs whole), float32 parameters.
+SAEs whole), float32 parameters. jumprelu's tanh penalty also reaches W_dec through its row norms: that
+gradient is parallel to each (unit) row, which the update projects out, so it is left out here.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from jaxsae.kernels import kernel
 from jaxsae.losses import LossHParams, LossOut
 from jaxsae.selection import DATA, MODEL, SAE, vary_like
 from jaxsae.sharding import BATCH, params_specs, state_specs
-from jaxsae.sparse_loss import Selection, Taps, select, sparse_sae_loss, zero_taps
+from jaxsae.sparse_loss import Selection, Taps, codes_at, select, sparse_sae_loss, zero_taps
 
-FUSED_ARCHITECTURES = ("topk", "batchtopk")
+FUSED_ARCHITECTURES = ("topk", "batchtopk", "jumprelu")
 _MATRICES = ("W_enc", "W_dec")
 
 
@@ -70,29 +71,30 @@ def tap_gradients(
 
 def per_device(
     cfg: RunConfig, params: dict, fixed: dict, opt_state: Any, x: jax.Array, dead: jax.Array, hp: LossHParams,
-    scale: jax.Array, layer: jax.Array,
+    scale: jax.Array, layer: jax.Array, todo: jax.Array,
 ) -> tuple[dict, Any, LossOut, jax.Array]:
-    """One step of the S SAEs a device holds (every leaf [S, ...]; x [L, b, d] raw): (trainable params,
-    opt_state, LossOut, ok [S]). An SAE whose loss or gradients are not finite keeps its values."""
+    """One step of the S SAEs a device holds (every leaf [S, ...]; x [L, b, d] raw; `todo` [S] bool, the
+    SAEs to update): (trainable params, opt_state, LossOut, ok [S]). An SAE whose loss or gradients are
+    not finite, or whose codes are not exact (out.metrics["exact"], jumprelu's), keeps its values."""
     tc = cfg.train
     rows, sel, g_small, g_taps, out = tap_gradients(cfg, params, fixed, x, dead, hp, scale, layer)
-    ok = optimizer.finite_per_sae(out.metrics["loss"], (g_small, g_taps))
+    ok = optimizer.finite_per_sae(out.metrics["loss"], (g_small, g_taps)) & todo & (out.metrics["exact"] == 1)
     h, flags = optimizer.hyper(tc, opt_state, {}, {}, ok)
     mu, nu = optimizer.moments(tc, opt_state)
     new = {n: kernel("adam")(params[n], mu[n], nu[n], g, h, flags, False) for n, g in g_small.items()}
     # Empty slots (idx −1) are skipped by the scatters: no masking of the values needed.
-    main = (sel.row, sel.idx, jax.nn.relu(sel.pre))  # the codes, as the decodes read them
-    aux = (sel.aux_row, sel.aux_idx, jax.nn.relu(sel.aux_pre))
-    b = rows.shape[1]
-    dec_y = jnp.concatenate([g_taps.main, g_taps.aux], axis=1)  # [S, 2b, d]: aux's rows from b on
+    codes = jax.vmap(lambda p, pre, idx: codes_at(cfg.sae, p, pre, idx)[0])
+    main = (sel.row, sel.idx, codes({**params, **fixed}, sel.pre, sel.idx))  # as the decodes read them
+    aux = (sel.aux_row, sel.aux_idx, jax.nn.relu(sel.aux_pre))  # jumprelu: no slots
+    aux_y = g_taps.main if cfg.sae.architecture == "jumprelu" else g_taps.aux  # (unread then)
     new["W_dec"] = kernel("scatter_adam")(
-        params["W_dec"], mu["W_dec"], nu["W_dec"], main, aux, dec_y, h, flags, b, False
+        params["W_dec"], mu["W_dec"], nu["W_dec"], main, aux, g_taps.main, aux_y, h, flags, False
     )
     enc_main = (sel.row, sel.idx, g_taps.pre)
     enc_aux = (sel.aux_row, sel.aux_idx, g_taps.aux_pre)
     enc_y = rows - params["b_dec"][:, None, :]  # the centred rows (the old b_dec), as selected_pre's VJP
     new["W_enc"] = kernel("scatter_adam")(
-        params["W_enc"], mu["W_enc"], nu["W_enc"], enc_main, enc_aux, enc_y, h, flags, 0, True
+        params["W_enc"], mu["W_enc"], nu["W_enc"], enc_main, enc_aux, enc_y, enc_y, h, flags, True
     )
     new = {n: tuple(vary_like(a, params[n]) for a in v) for n, v in new.items()}
     new_params, new_opt = optimizer.assemble(tc, opt_state, new, ok)
@@ -101,15 +103,15 @@ def per_device(
 
 def update(
     cfg: RunConfig, mesh: Mesh, params: dict, fixed: dict, opt_state: Any, x: jax.Array, dead: jax.Array,
-    hp: LossHParams, scale: jax.Array, layer: jax.Array,
+    hp: LossHParams, scale: jax.Array, layer: jax.Array, todo: jax.Array,
 ) -> tuple[dict, Any, LossOut, jax.Array]:
     """`per_device` over the mesh: directly on one device, else under shard_map (SAEs split over `sae`)."""
     step = partial(per_device, cfg)
-    args = (params, fixed, opt_state, x, dead, hp, scale, layer)
+    args = (params, fixed, opt_state, x, dead, hp, scale, layer, todo)
     if mesh.devices.size == 1:
         return step(*args)
     opt_specs, per_sae = state_specs(opt_state), P(SAE)
-    in_specs = (params_specs(params), params_specs(fixed), opt_specs, BATCH, P(SAE, MODEL)) + (per_sae,) * 3
+    in_specs = (params_specs(params), params_specs(fixed), opt_specs, BATCH, P(SAE, MODEL)) + (per_sae,) * 4
     out_specs = (params_specs(params), opt_specs, LossOut(P(SAE, MODEL), per_sae, per_sae), per_sae)
     # data and model have size 1 here: every value is trivially the same over them, which the
     # device-variance check cannot infer through the kernels' custom calls.

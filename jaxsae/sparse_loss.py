@@ -34,8 +34,8 @@ class Selection(NamedTuple):
     (row [C], idx [C, K]) with the pre-activations at the slots (pre [C, K]), the same for aux-k's dead
     latents (topk, batchtopk; empty for jumprelu), batchtopk's smallest kept value, and `exact`: False
     when the codes of these rows may differ from the dense loss's (jumprelu's when they do not fit; the
-    step combines it over the data shards and computes the dense loss instead when some shard is not
-    exact)."""
+    loss combines it over the data shards into `metrics["exact"]`, and jaxsae.step has the dense step
+    redo the batch of each SAE that was not exact)."""
 
     row: jax.Array
     idx: jax.Array
@@ -121,7 +121,7 @@ def sparse_sae_loss(
     row, idx = sel.row, sel.idx
     taps = Taps(0.0, 0.0, 0.0, 0.0) if taps is None else taps
     pre = ops.selected_pre(sel.pre, x, params["W_enc"], params["b_enc"], params["b_dec"], row, idx) + taps.pre
-    codes, sparsity = _codes(cfg, params, pre, idx)
+    codes, sparsity = codes_at(cfg, params, pre, idx)
     x_hat = ops.decode(row, idx, codes, params["W_dec"], b) + taps.main + params["b_dec"]
     err = x - x_hat
     recon = psum(jnp.sum(err**2), axes.data) / n_rows
@@ -134,6 +134,9 @@ def sparse_sae_loss(
     fired = codes != 0
     metrics = reconstruction_metrics(x, x_hat, jnp.sum(fired, dtype=jnp.float32), axes)
     metrics.update(loss=loss, recon_loss=recon, sparsity_loss=sparsity, aux_loss=aux)
+    # 1.0 where every data shard's codes are exact (jumprelu's may not fit; the step then has the dense
+    # step redo this SAE's batch, see jaxsae.step); popped by the step, never logged.
+    metrics["exact"] = (psum(jnp.sum(~sel.exact, dtype=jnp.int32), axes.data) == 0).astype(jnp.float32)
     fire_count = psum(ops.fire_count(idx, fired, n_latents), axes.data)
     smallest = sel.smallest
     # The params are typed as varying over the (size-1) model axis; a mean over it is the identity
@@ -142,7 +145,7 @@ def sparse_sae_loss(
     return loss, LossOut(fire_count, smallest, metrics)
 
 
-def _codes(cfg: SAEConfig, params: Params, sel: jax.Array, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+def codes_at(cfg: SAEConfig, params: Params, sel: jax.Array, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Codes [C, K] at the selected slots from their pre-activations, and the sparsity penalty summed
     over them (as jaxsae.losses.sparsity_penalty; entries outside the slots add 0 to it and its
     gradient: below θ − ε/2 both H and its pseudo-derivative vanish)."""

@@ -6,17 +6,22 @@ trainable params, `tokens_since_fired` [S, F] int32, `fire_count` [S, F] int32 (
 `step` [S] int32, `input_scale` [S] float32, `layer` [S] int32 (which layer of the batch [L, B, d_in]
 each SAE reads). The loss runs inside `shard_map` (exact selection across shards, see
 jaxsae.selection; on one device without it); the update is jaxsae.optimizer's (optax's Adam as one
-in-place pass per matrix). topk and batchtopk with the sparse kernels, no clipping and an unsplit batch
-take jaxsae.fused_step instead: their W_enc and W_dec gradients go straight from the scatters into Adam.
+in-place pass per matrix). topk, batchtopk and jumprelu with the sparse kernels, no clipping and an
+unsplit batch take jaxsae.fused_step instead: their W_enc and W_dec gradients go straight from the
+scatters into Adam. jumprelu's codes may not fit the sparse layout (more than its K slots fire on a
+row); the sparse step then leaves that SAE untouched and reports it not consumed, and the dense step
+(compiled on first need) redoes its batch, so results never depend on the layout.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -24,7 +29,7 @@ from jaxsae import fused_step, optimizer, sae, sparse_loss
 from jaxsae.config import ConfigError, RunConfig, SAEConfig
 from jaxsae.losses import Axes, LossHParams, LossOut, sae_loss
 from jaxsae.optimizer import learning_rate, make_optimizer
-from jaxsae.selection import DATA, MODEL, SAE, psum
+from jaxsae.selection import DATA, MODEL, SAE
 from jaxsae.sharding import BATCH, named, params_specs, state_shardings
 from jaxsae.sparse_loss import SPARSE_ARCHITECTURES, sparse_sae_loss
 
@@ -123,28 +128,11 @@ def sharded_loss(cfg: RunConfig, mesh: Mesh):
     one_device = mesh.devices.size == 1
     axes = Axes() if one_device else Axes(DATA, MODEL)
 
-    def one_sae(loss_fn, p, fixed, x, dead, hp, scale, layer, *precomputed):
-        return loss_fn(cfg.sae, {**p, **fixed}, x[layer] * scale, dead, hp, k_max, axes, *precomputed)
+    def one_sae(loss_fn, p, fixed, x, dead, hp, scale, layer):
+        return loss_fn(cfg.sae, {**p, **fixed}, x[layer] * scale, dead, hp, k_max, axes)
 
-    dense = jax.vmap(partial(one_sae, sae_loss), in_axes=(0, 0, None, 0, 0, 0, 0))
-    sparse = jax.vmap(partial(one_sae, sparse_sae_loss), in_axes=(0, 0, None, 0, 0, 0, 0, 0))
-    selections = jax.vmap(partial(one_sae, sparse_loss.select), in_axes=(0, 0, None, 0, 0, 0, 0))
-
-    def sparse_or_dense(p, fixed, x, dead, hp, scale, layer):
-        """jumprelu: the sparse loss, unless some SAE's codes are not exact (early in training, more entries
-        near its thresholds than the codes hold): then the dense loss. One branch runs, not both."""
-        args = (p, fixed, x, dead, hp, scale, layer)
-        sel = selections(*args)
-        inexact = psum(jnp.sum(~sel.exact, dtype=jnp.int32), tuple(filter(None, axes))) > 0
-        return jax.lax.cond(inexact, lambda: dense(*args), lambda: sparse(*args, sel))
-
-    def sparse_only(*args):
-        return sparse(*args, None)
-
-    if not use_sparse_kernels(cfg, mesh):
-        per_device = dense
-    else:
-        per_device = sparse_or_dense if cfg.sae.architecture == "jumprelu" else sparse_only
+    loss_fn = sparse_sae_loss if use_sparse_kernels(cfg, mesh) else sae_loss
+    per_device = jax.vmap(partial(one_sae, loss_fn), in_axes=(0, 0, None, 0, 0, 0, 0))
     out_specs = (P(SAE), LossOut(P(SAE, MODEL), P(SAE), P(SAE)))
 
     def loss(p, fixed, x, dead, hp, scale, layer):
@@ -160,11 +148,13 @@ def sharded_loss(cfg: RunConfig, mesh: Mesh):
 
 
 def _advance(
-    cfg: RunConfig, state: TrainState, params: dict, opt_state: Any, out: LossOut, rows: int, ok: jax.Array
+    cfg: RunConfig, state: TrainState, params: dict, opt_state: Any, out: LossOut, rows: int, ok: jax.Array,
+    consumed: jax.Array,
 ) -> TrainState:
     """The state after a step that made `params` (trainable) and `opt_state`: batchtopk's threshold and the
-    firing statistics of `out` (`rows` tokens per SAE) updated. An SAE whose update is not finite (`ok` [S]
-    False) keeps them but for the step count, which advances (the batch is consumed either way)."""
+    firing statistics of `out` (`rows` tokens per SAE) updated. An SAE whose update is not finite or not
+    exact (`ok` [S] False) keeps them; its step count advances where the batch was `consumed` [S] (a
+    non-finite batch is skipped; one whose codes did not fit is redone by the dense step)."""
     fixed = frozen(state.params)
     if "threshold" in fixed:
         update = jax.vmap(partial(update_threshold, cfg.sae))
@@ -177,7 +167,7 @@ def _advance(
         opt_state=opt_state,
         tokens_since_fired=optimizer.per_sae(ok, tokens, state.tokens_since_fired),
         fire_count=optimizer.per_sae(ok, state.fire_count + out.fire_count, state.fire_count),
-        step=state.step + 1,
+        step=state.step + consumed.astype(state.step.dtype),
         input_scale=state.input_scale,
         layer=state.layer,
     )
@@ -188,38 +178,93 @@ def use_fused_update(cfg: RunConfig, mesh: Mesh) -> bool:
     return use_sparse_kernels(cfg, mesh) and fused_step.supports(cfg, mesh)
 
 
-def make_train_step(cfg: RunConfig, mesh: Mesh, state: TrainState):
-    """The jitted step `(state, x [L, B, d_in] raw, ks [S] int32) -> (state, metrics of [S] leaves)`;
-    `state` (arrays or ShapeDtypeStructs) gives the structure for the shardings. Donates `state`.
-    An SAE whose loss or gradient is not finite keeps its state (see `_advance`); its
-    `metrics["nonfinite"]` is True."""
+def _jit_step(cfg: RunConfig, mesh: Mesh, state: TrainState):
+    """The jitted `(state, x [L, B, d_in] raw, ks [S] int32, todo [S] bool) -> (state, metrics, consumed)`:
+    one step of the SAEs in `todo` (the others keep their state). `consumed` [S] bool: the SAEs that took
+    the batch (todo, less those whose sparse codes were not exact: jumprelu's early in training)."""
     loss = sharded_loss(cfg, mesh)
-
     fused = use_fused_update(cfg, mesh)
 
-    def step(state: TrainState, x: jax.Array, ks: jax.Array) -> tuple[TrainState, dict]:
+    def step(state: TrainState, x: jax.Array, ks: jax.Array, todo: jax.Array):
         dead = state.tokens_since_fired >= cfg.train.dead_tokens
         hp = jax.vmap(partial(loss_hparams, cfg))(ks, state.step)
         args = (trainable(state.params), frozen(state.params))
         inputs = (x, dead, hp, state.input_scale, state.layer)
         if fused:
-            params, opt_state, out, ok = fused_step.update(cfg, mesh, *args, state.opt_state, *inputs)
+            params, opt_state, out, ok = fused_step.update(cfg, mesh, *args, state.opt_state, *inputs, todo)
+            exact = out.metrics.pop("exact") == 1
+            finite = ok | ~(todo & exact)
         else:
             grads, out = jax.grad(loss, has_aux=True)(*args, *inputs)
-            ok = optimizer.finite_per_sae(out.metrics["loss"], grads)
+            exact = out.metrics.pop("exact", jnp.ones_like(todo, jnp.float32)) == 1
+            finite = optimizer.finite_per_sae(out.metrics["loss"], grads)
+            ok = finite & todo & exact
             params, opt_state = optimizer.update(cfg.train, mesh, args[0], grads, state.opt_state, ok)
+        consumed = todo & exact
         metrics = dict(
             out.metrics,
             dead_fraction=jnp.mean(dead, axis=-1),
             lr=jax.vmap(partial(learning_rate, cfg.train))(state.step),
-            nonfinite=~ok,
+            nonfinite=consumed & ~finite,
         )
-        return _advance(cfg, state, params, opt_state, out, x.shape[1], ok), metrics
+        return _advance(cfg, state, params, opt_state, out, x.shape[1], ok, consumed), metrics, consumed
 
-    shardings = state_shardings(state, mesh)
+    shardings, per_sae = state_shardings(state, mesh), named(mesh, P(SAE))
     return jax.jit(
         step,
-        in_shardings=(shardings, named(mesh, BATCH), named(mesh, P(SAE))),
-        out_shardings=(shardings, named(mesh, P(SAE))),
+        in_shardings=(shardings, named(mesh, BATCH), per_sae, per_sae),
+        out_shardings=(shardings, per_sae, per_sae),
         donate_argnums=0,
     )
+
+
+# After a step whose sparse codes did not fit, this many steps go straight to the dense step before the
+# sparse one is tried again: early in training (jumprelu's thresholds still low) every try would fail.
+DENSE_STEPS_BEFORE_RETRY = 16
+
+
+class _SparseWithDenseFallback:
+    """jumprelu's step with the sparse kernels: the sparse step, and for the SAEs whose codes did not fit
+    (more entries near their thresholds than the codes hold) the dense step on the same batch, compiled
+    when first needed. Kept out of the sparse executable, the dense loss's [B, F] buffers cost nothing
+    while the codes fit. The host reads each sparse step's `consumed` flags (one small transfer)."""
+
+    def __init__(self, cfg: RunConfig, mesh: Mesh, state: TrainState, everyone: jax.Array):
+        self.sparse = _jit_step(cfg, mesh, state)
+        self.make_dense = lambda: _jit_step(_dense_config(cfg), mesh, state)
+        self.dense = None
+        self.everyone = everyone
+        self.dense_left = 0
+
+    def _dense(self, state: TrainState, x: jax.Array, ks: jax.Array, todo: jax.Array):
+        self.dense = self.dense or self.make_dense()
+        return self.dense(state, x, ks, todo)[:2]
+
+    def __call__(self, state: TrainState, x: jax.Array, ks: jax.Array) -> tuple[TrainState, dict]:
+        if self.dense_left:
+            self.dense_left -= 1
+            return self._dense(state, x, ks, self.everyone)
+        state, metrics, consumed = self.sparse(state, x, ks, self.everyone)
+        if np.all(jax.device_get(consumed)):
+            return state, metrics
+        self.dense_left = DENSE_STEPS_BEFORE_RETRY
+        state, dense_metrics = self._dense(state, x, ks, ~consumed)
+        merged = {k: optimizer.per_sae(consumed, v, dense_metrics[k]) for k, v in metrics.items()}
+        return state, merged
+
+
+def _dense_config(cfg: RunConfig) -> RunConfig:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, kernels="dense"))
+
+
+def make_train_step(cfg: RunConfig, mesh: Mesh, state: TrainState):
+    """The step `(state, x [L, B, d_in] raw, ks [S] int32) -> (state, metrics of [S] leaves)`, jitted (with
+    jumprelu on the sparse kernels, two jitted steps: see `_SparseWithDenseFallback`); `state` (arrays or
+    ShapeDtypeStructs) gives the structure for the shardings. Donates `state`. An SAE whose loss or
+    gradient is not finite keeps its state (see `_advance`); its `metrics["nonfinite"]` is True."""
+    n_saes = jax.tree.leaves(state.step)[0].shape[0]
+    everyone = jax.device_put(jnp.ones(n_saes, bool), named(mesh, P(SAE)))
+    if cfg.sae.architecture == "jumprelu" and use_sparse_kernels(cfg, mesh):
+        return _SparseWithDenseFallback(cfg, mesh, state, everyone)
+    step = _jit_step(cfg, mesh, state)
+    return lambda state, x, ks: step(state, x, ks, everyone)[:2]

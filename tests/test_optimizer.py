@@ -96,12 +96,13 @@ def _aux_like(rng, b, n_dead):
     return np.arange(b, dtype=np.int32), idx, val
 
 
-@pytest.mark.parametrize("aux_like", [False, True])
+@pytest.mark.parametrize("set_b", ["sparse", "aux_like", "empty"])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_scatter_adam_equals_scatter_then_adam(transposed, aux_like):
+def test_scatter_adam_equals_scatter_then_adam(transposed, set_b):
     """The fused C++ scatter + Adam equals the reference (two scatters summed, then `adam`), per SAE, with
-    SAE 1's update skipped; and the reference equals an independent numpy scatter. `aux_like`: set b's
-    latents are in every row (the kernel sums those by a GEMM)."""
+    SAE 1's update skipped; and the reference equals an independent numpy scatter. Set b: `aux_like`, its
+    latents are in every row (the kernel sums those by a GEMM); `empty`, no slots (jumprelu has no aux-k).
+    W_dec's sets read two y arrays (the decoder taps), W_enc's one array passed twice."""
     if not cpu.available():
         pytest.skip("no C++ toolchain")
     rng = np.random.default_rng(2)
@@ -111,26 +112,27 @@ def test_scatter_adam_equals_scatter_then_adam(transposed, aux_like):
     m, g0 = (rng.normal(size=shape).astype(np.float32) for _ in range(2))
     v = rng.random(size=shape).astype(np.float32)
     a = [np.stack(z) for z in zip(*(_codes(rng, 9, 5, b) for _ in range(S)), strict=True)]
-    make_b = partial(_aux_like, rng, b, 7) if aux_like else partial(_codes, rng, b, 7, b)
+    make_b = {"sparse": partial(_codes, rng, b, 7, b), "aux_like": partial(_aux_like, rng, b, 7),
+              "empty": partial(_codes, rng, b, 0, b)}[set_b]
     bb = [np.stack(z) for z in zip(*(make_b() for _ in range(S)), strict=True)]
-    offset = 0 if transposed else b
-    y = rng.normal(size=(S, b + offset, D)).astype(np.float32)
+    y_a = rng.normal(size=(S, b, D)).astype(np.float32)
+    y_b = y_a if transposed else rng.normal(size=(S, b, D)).astype(np.float32)
     hyper = np.asarray([[-0.01, 0.9, 0.1, 0.999, 0.001, 0.19, 0.002, 1e-8, 1.0, 0.0]] * S, np.float32)
     flags = np.asarray([[1, 0], [0, 0]], np.int32)
-    args = (p, m, v, tuple(a), tuple(bb), y, hyper, flags, offset, transposed)
+    args = (p, m, v, tuple(a), tuple(bb), y_a, y_b, hyper, flags, transposed)
     want = reference.scatter_adam(*args)
-    got = jax.jit(cpu.scatter_adam, static_argnums=(8, 9))(*args)
+    got = jax.jit(cpu.scatter_adam, static_argnums=(9,))(*args)
     for x, w in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(w), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(got[0][1]), p[1])  # skipped: unchanged
     # The gradient the reference applied, from numpy: invert Adam's first moment (mu = 0.1 g + 0.9 m).
     grad = np.zeros((S, F, D), np.float32)
     for s in range(S):
-        for (row, idx, val), off in ((a, 0), (bb, offset)):
+        for (row, idx, val), y in ((a, y_a), (bb, y_b)):
             for c in range(row.shape[1]):
                 for j in range(idx.shape[2]):
                     if idx[s, c, j] >= 0:
-                        grad[s, idx[s, c, j]] += val[s, c, j] * y[s, row[s, c] + off]
+                        grad[s, idx[s, c, j]] += val[s, c, j] * y[s, row[s, c]]
     grad = grad.transpose(0, 2, 1) if transposed else grad
     if not transposed:  # W_dec's gradient is projected off the rows first
         grad = np.asarray(project_out_parallel(jnp.asarray(p), jnp.asarray(grad)))

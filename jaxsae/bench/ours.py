@@ -61,7 +61,7 @@ def mark_dead(state: TrainState, dead: np.ndarray, dead_tokens: int, mesh) -> Tr
 def calibrate_jumprelu(state: TrainState, x: jax.Array, k: int, mesh) -> TrainState:
     """JumpReLU thresholds at the (1 − k/F) quantile of each latent's pre-activations on the batch: L0 ≈ k,
     the sparsity of a trained SAE, rather than the ~F/6 of a fresh one (whose codes the sparse step would
-    not hold: it falls back to dense then, see jaxsae.sparse_loss)."""
+    not hold: it falls back to dense then, see jaxsae.step)."""
 
     def calibrate(state: TrainState) -> TrainState:
         def one(params, scale, layer):

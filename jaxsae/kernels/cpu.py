@@ -255,17 +255,16 @@ def scatter_adam(
     nu: jax.Array,
     codes_a: tuple[jax.Array, jax.Array, jax.Array],
     codes_b: tuple[jax.Array, jax.Array, jax.Array],
-    y: jax.Array,
+    y_a: jax.Array,
+    y_b: jax.Array,
     hyper: jax.Array,
     flags: jax.Array,
-    offset_b: int,
     transposed: bool,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """As `reference.scatter_adam`, the gradient accumulated tile by tile and applied at once: never held
     whole; param, mu and nu written in place. float32 parameters only (else the reference)."""
     if any(a.dtype != jnp.float32 for a in (param, mu, nu)):
-        return reference.scatter_adam(param, mu, nu, codes_a, codes_b, y, hyper, flags, offset_b, transposed)
+        return reference.scatter_adam(param, mu, nu, codes_a, codes_b, y_a, y_b, hyper, flags, transposed)
     codes = [f(a) for row, idx, val in (codes_a, codes_b) for f, a in ((_i32, row), (_i32, idx), (_f32, val))]
     name = "scatter_adam_cols" if transposed else "scatter_adam_rows"
-    args = (*codes, _f32(y), _f32(hyper), _i32(flags))
-    return _in_place(name, param, mu, nu, *args, offset_b=np.int64(offset_b))
+    return _in_place(name, param, mu, nu, *codes, _f32(y_a), _f32(y_b), _f32(hyper), _i32(flags))

@@ -125,19 +125,28 @@ inline float Dot1(const float* __restrict a, const float* __restrict b, int64_t 
   return t;
 }
 
-// Row pointers base + src[j]·d + d0 of four consecutive list entries from j on, repeating the last one
+// The rows of one array, or of two laid end to end (row r < split is a[r], else b[r − split]): the
+// scatters read the codes' and aux-k's rows from two arrays without concatenating them.
+struct RowSource {
+  const float* a;
+  const float* b = nullptr;
+  int64_t split = INT64_MAX;
+  const float* Row(int64_t r, int64_t d) const { return r < split ? a + r * d : b + (r - split) * d; }
+};
+
+// Row pointers rows[src[j]] + d0 of four consecutive list entries from j on, repeating the last one
 // past the end of the list (prefetching it again is harmless).
-inline void Rows4(const float* base, const int32_t* src, int64_t j, int64_t end, int64_t d, int64_t d0,
+inline void Rows4(const RowSource& rows, const int32_t* src, int64_t j, int64_t end, int64_t d, int64_t d0,
                   const float** out) {
   for (int q = 0; q < 4; ++q) {
     const int64_t jj = std::max<int64_t>(0, std::min(j + q, end - 1));
-    out[q] = base + (end > 0 ? src[jj] : 0) * d + d0;
+    out[q] = rows.Row(end > 0 ? src[jj] : 0, d) + d0;
   }
 }
 
-// out[seg] (+)= Σ over the entries of each segment of wt · base[src] along [d0, d0 + dn), where
+// out[seg] (+)= Σ over the entries of each segment of wt · rows[src] along [d0, d0 + dn), where
 // segments are runs of entries [begin[s], begin[s + 1]) with output row out_row[s].
-void AccumulateRows(const float* base, const int32_t* src, const float* wt, const int64_t* begin,
+void AccumulateRows(const RowSource& rows, const int32_t* src, const float* wt, const int64_t* begin,
                     const int64_t* out_row, int64_t n_seg, float* out, int64_t d, int64_t d0, int64_t dn) {
   const int64_t end = n_seg ? begin[n_seg] : 0;
   const float *r[4], *pf[4];
@@ -145,11 +154,11 @@ void AccumulateRows(const float* base, const int32_t* src, const float* wt, cons
     float* o = out + out_row[s] * d + d0;
     int64_t j = begin[s];
     for (; j + 4 <= begin[s + 1]; j += 4) {
-      Rows4(base, src, j, end, d, d0, r);
-      Rows4(base, src, j + 4, end, d, d0, pf);
+      Rows4(rows, src, j, end, d, d0, r);
+      Rows4(rows, src, j + 4, end, d, d0, pf);
       Axpy4(o, r, wt + j, pf, dn);
     }
-    for (; j < begin[s + 1]; ++j) Axpy1(o, base + src[j] * d + d0, wt[j], dn);
+    for (; j < begin[s + 1]; ++j) Axpy1(o, rows.Row(src[j], d) + d0, wt[j], dn);
   }
 }
 
@@ -180,7 +189,7 @@ inline void Split(int64_t n, int64_t& lo, int64_t& hi) {
 }
 
 // Sparse codes whose slots are scattered: chunked ELL (row [C], idx [C, K], val [C, K]); `row_offset`
-// is added to row to index y (several code sets can share one y).
+// is added to row to index the RowSource of y (several code sets read one, each its own rows).
 struct Codes {
   const int32_t* row;
   const int32_t* idx;
@@ -321,7 +330,7 @@ void GatherSum(const int32_t* row, const int32_t* idx, const float* val, const f
     }
     begin.push_back((int64_t)src.size());
     for (int64_t d0 = 0; d0 < d; d0 += g_tile)
-      AccumulateRows(w, src.data(), wt.data(), begin.data(), out_row.data(), (int64_t)out_row.size(), out, d,
+      AccumulateRows(RowSource{w}, src.data(), wt.data(), begin.data(), out_row.data(), (int64_t)out_row.size(), out, d,
                      d0, std::min(g_tile, d - d0));
   }
 }
@@ -368,8 +377,8 @@ void GatherDot(const int32_t* row, const int32_t* idx, const float* y, const flo
         int64_t e = j;  // the entries of chunk c
         while (e < n && pos[e] / K == c) ++e;
         for (; j + 4 <= e; j += 4) {
-          Rows4(w, src.data(), j, n, d, d0, r);
-          Rows4(w, src.data(), j + 4, n, d, d0, pf);
+          Rows4(RowSource{w}, src.data(), j, n, d, d0, r);
+          Rows4(RowSource{w}, src.data(), j + 4, n, d, d0, pf);
           Dot4(yr, r, pf, dn, dots);
           for (int q = 0; q < 4; ++q) out[pos[j + q]] += dots[q];
         }
@@ -419,7 +428,7 @@ void DenseSums(const Codes& c, const DenseLatents& dl, const int32_t* slot, cons
   }
 }
 
-LatentSums BuildSums(const Codes* sets, int n_sets, int64_t B, int64_t F, const float* y, int64_t d) {
+LatentSums BuildSums(const Codes* sets, int n_sets, int64_t B, int64_t F, const RowSource& y, int64_t d) {
   LatentSums ls{std::vector<int64_t>(F + 1), {}, {}, std::vector<int32_t>(F, -1), {}};
   std::vector<DenseLatents> dense_in;  // per set: its dense latents
   int32_t n_dense = 0;
@@ -431,7 +440,7 @@ LatentSums BuildSums(const Codes* sets, int n_sets, int64_t B, int64_t F, const 
   ls.dense.assign((int64_t)n_dense * d, 0.0f);
   for (int q = 0; q < n_sets; ++q)
     if (!dense_in[q].ids.empty())
-      DenseSums(sets[q], dense_in[q], ls.dense_slot.data(), y + sets[q].row_offset * d, B, F, d, ls.dense.data());
+      DenseSums(sets[q], dense_in[q], ls.dense_slot.data(), y.Row(sets[q].row_offset, d), B, F, d, ls.dense.data());
 
   // The light slots by a parallel counting sort over the sets laid end to end.
   int64_t S = 0;
@@ -490,7 +499,7 @@ constexpr int64_t kColumnTile = 128;
 // Runs emit(f0, n, buf) in parallel over tiles of up to `tile` latents, buf [n, d] (`transposed`: [d, n])
 // holding their sums Σ val · y[row] (latent ranges per thread balanced by entries + `latent_cost` each).
 template <typename Emit>
-void ForLatentTiles(const LatentSums& ls, const float* y, int64_t F, int64_t d, int64_t tile, int64_t latent_cost,
+void ForLatentTiles(const LatentSums& ls, const RowSource& y, int64_t F, int64_t d, int64_t tile, int64_t latent_cost,
                     bool transposed, Emit emit) {
   const FpMode fp;
   const int64_t* start = ls.start.data();
@@ -534,13 +543,13 @@ void ForLatentTiles(const LatentSums& ls, const float* y, int64_t F, int64_t d, 
 void ScatterRows(const int32_t* row, const int32_t* idx, const float* val, const float* y, float* out,
                  int64_t C, int64_t K, int64_t B, int64_t F, int64_t d, bool transposed) {
   const Codes codes{row, idx, val, C, K, 0};
-  const LatentSums ls = BuildSums(&codes, 1, B, F, y, d);
+  const LatentSums ls = BuildSums(&codes, 1, B, F, RowSource{y}, d);
   if (transposed) {
-    ForLatentTiles(ls, y, F, d, kColumnTile, 1, true, [&](int64_t fa, int64_t n, const float* buf) {
+    ForLatentTiles(ls, RowSource{y}, F, d, kColumnTile, 1, true, [&](int64_t fa, int64_t n, const float* buf) {
       for (int64_t x = 0; x < d; ++x) std::copy(buf + x * n, buf + (x + 1) * n, out + x * F + fa);
     });
   } else {
-    ForLatentTiles(ls, y, F, d, 1, 1, false, [&](int64_t f, int64_t, const float* buf) {
+    ForLatentTiles(ls, RowSource{y}, F, d, 1, 1, false, [&](int64_t f, int64_t, const float* buf) {
       std::copy(buf, buf + d, out + f * d);
     });
   }
@@ -1385,9 +1394,9 @@ void Adam(float* p, float* m, float* v, const float* g, const float* hyper, cons
 using F32Cube = ffi::Buffer<ffi::F32, 3>;
 // The gradient of W_dec ([F, d], rows) or W_enc ([d, F], transposed) scattered from two code sets (the
 // codes and aux-k's) and applied by Adam tile by tile: the gradient is never held whole. Per SAE s of S:
-// param, mu, nu [S, ...]; codes [S, C, K]; y [S, B, d] (set b's rows offset by `offset_b`).
-void ScatterAdam(float* p, float* m, float* v, const Codes* a, const Codes* b, const float* y, int64_t B,
-                 int64_t y_rows, const float* hyper, const int32_t* flags, int64_t S, int64_t F, int64_t d,
+// param, mu, nu [S, ...]; codes [S, C, K]; set a reads y_a [S, B, d], set b y_b [S, B, d].
+void ScatterAdam(float* p, float* m, float* v, const Codes* a, const Codes* b, const float* y_a, const float* y_b,
+                 int64_t B, const float* hyper, const int32_t* flags, int64_t S, int64_t F, int64_t d,
                  bool transposed) {
   for (int64_t s = 0; s < S; ++s) {
     if (!flags[2 * s]) continue;
@@ -1396,7 +1405,7 @@ void ScatterAdam(float* p, float* m, float* v, const Codes* a, const Codes* b, c
     const Codes sets[2] = {a[s], b[s]};
     const int64_t off = s * F * d;
     float *ps = p + off, *ms = m + off, *vs = v + off;
-    const float* ys = y + s * y_rows * d;
+    const RowSource ys{y_a + s * B * d, y_b + s * B * d, B};
     const LatentSums ls = BuildSums(sets, 2, B, F, ys, d);
     if (transposed) {
       ForLatentTiles(ls, ys, F, d, kColumnTile, 4, true, [&](int64_t fa, int64_t n, const float* buf) {
@@ -1426,23 +1435,24 @@ void CopyUnaliased(const F32Cube& p, const F32Cube& m, const F32Cube& v, ffi::Re
     if (in != out) std::memcpy(out, in, p.element_count() * sizeof(float));
 }
 
-// (param, mu, nu [S, ., .], row_a [S, Ca], idx_a, val_a [S, Ca, Ka], row_b, idx_b, val_b, y [S, rows, d],
-// hyper [S, 10], flags [S, 2]) -> (param, mu, nu), meant to alias the inputs; set b reads y from row
-// `offset_b` on (set a from row 0), each set's rows being [0, rows − offset_b).
+// (param, mu, nu [S, ., .], row_a [S, Ca], idx_a, val_a [S, Ca, Ka], row_b, idx_b, val_b, y_a, y_b [S, B, d],
+// hyper [S, 10], flags [S, 2]) -> (param, mu, nu), meant to alias the inputs; set a reads y_a, set b y_b
+// (the same buffer may be passed twice).
 template <bool kTransposed>
 ffi::Error ScatterAdamFfi(F32Cube p, F32Cube m, F32Cube v, ffi::Buffer<ffi::S32, 2> row_a, I32Cube idx_a,
-                          F32Cube val_a, ffi::Buffer<ffi::S32, 2> row_b, I32Cube idx_b, F32Cube val_b, F32Cube y,
-                          ffi::Buffer<ffi::F32, 2> hyper, ffi::Buffer<ffi::S32, 2> flags,
+                          F32Cube val_a, ffi::Buffer<ffi::S32, 2> row_b, I32Cube idx_b, F32Cube val_b, F32Cube y_a,
+                          F32Cube y_b, ffi::Buffer<ffi::F32, 2> hyper, ffi::Buffer<ffi::S32, 2> flags,
                           ffi::ResultBuffer<ffi::F32, 3> p_out, ffi::ResultBuffer<ffi::F32, 3> m_out,
-                          ffi::ResultBuffer<ffi::F32, 3> v_out, int64_t offset_b) {
-  const auto pd = p.dimensions(), yd = y.dimensions(), ia = idx_a.dimensions(), ib = idx_b.dimensions();
+                          ffi::ResultBuffer<ffi::F32, 3> v_out) {
+  const auto pd = p.dimensions(), yd = y_a.dimensions(), yb = y_b.dimensions(), ia = idx_a.dimensions(),
+             ib = idx_b.dimensions();
   const int64_t S = pd[0], F = pd[kTransposed ? 2 : 1], d = pd[kTransposed ? 1 : 2];
-  const int64_t B = yd[1] - offset_b;
-  if (yd[0] != S || yd[2] != d || ia[0] != S || ib[0] != S || row_a.dimensions()[1] != ia[1] ||
-      row_b.dimensions()[1] != ib[1] || val_a.element_count() != idx_a.element_count() ||
-      val_b.element_count() != idx_b.element_count() || hyper.dimensions()[0] != S || flags.dimensions()[0] != S ||
-      B <= 0)
-    return ffi::Error::InvalidArgument("scatter_adam: param, codes, y [S, rows, d], hyper and flags disagree");
+  const int64_t B = yd[1];
+  if (yd[0] != S || yd[2] != d || yb[0] != S || yb[1] != B || yb[2] != d || ia[0] != S || ib[0] != S ||
+      row_a.dimensions()[1] != ia[1] || row_b.dimensions()[1] != ib[1] ||
+      val_a.element_count() != idx_a.element_count() || val_b.element_count() != idx_b.element_count() ||
+      hyper.dimensions()[0] != S || flags.dimensions()[0] != S || B <= 0)
+    return ffi::Error::InvalidArgument("scatter_adam: param, codes, y_a, y_b [S, B, d], hyper and flags disagree");
   for (int64_t s = 0; s < S; ++s)
     if (flags.typed_data()[2 * s + 1]) return ffi::Error::InvalidArgument("scatter_adam: clipping needs the gradient");
   CopyUnaliased(p, m, v, p_out, m_out, v_out);
@@ -1451,10 +1461,10 @@ ffi::Error ScatterAdamFfi(F32Cube p, F32Cube m, F32Cube v, ffi::Buffer<ffi::S32,
     a[s] = Codes{row_a.typed_data() + s * ia[1], idx_a.typed_data() + s * ia[1] * ia[2],
                  val_a.typed_data() + s * ia[1] * ia[2], ia[1], ia[2], 0};
     b[s] = Codes{row_b.typed_data() + s * ib[1], idx_b.typed_data() + s * ib[1] * ib[2],
-                 val_b.typed_data() + s * ib[1] * ib[2], ib[1], ib[2], offset_b};
+                 val_b.typed_data() + s * ib[1] * ib[2], ib[1], ib[2], B};
   }
-  ScatterAdam(p_out->typed_data(), m_out->typed_data(), v_out->typed_data(), a.data(), b.data(), y.typed_data(), B,
-              yd[1], hyper.typed_data(), flags.typed_data(), S, F, d, kTransposed);
+  ScatterAdam(p_out->typed_data(), m_out->typed_data(), v_out->typed_data(), a.data(), b.data(), y_a.typed_data(),
+              y_b.typed_data(), B, hyper.typed_data(), flags.typed_data(), S, F, d, kTransposed);
   return ffi::Error::Success();
 }
 
@@ -1605,10 +1615,10 @@ auto AdamBinding() { return ParamMuNuRets(AdamScalarArgs(ParamMuNuArgs(ffi::Ffi:
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeAdam, AdamFfi<false>, AdamBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeAdamRows, AdamFfi<true>, AdamBinding());
 
-// scatter_adam_rows (W_dec [S, F, d]) and scatter_adam_cols (W_enc [S, d, F]): + two code sets and y.
+// scatter_adam_rows (W_dec [S, F, d]) and scatter_adam_cols (W_enc [S, d, F]): + two code sets, y_a, y_b.
 auto ScatterAdamBinding() {
-  return ParamMuNuRets(AdamScalarArgs(CodesArgs(CodesArgs(ParamMuNuArgs(ffi::Ffi::Bind()))).Arg<F32Cube>()))
-      .Attr<int64_t>("offset_b");
+  return ParamMuNuRets(
+      AdamScalarArgs(CodesArgs(CodesArgs(ParamMuNuArgs(ffi::Ffi::Bind()))).Arg<F32Cube>().Arg<F32Cube>()));
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeScatterAdamRows, ScatterAdamFfi<false>, ScatterAdamBinding());

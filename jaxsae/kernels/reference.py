@@ -187,21 +187,21 @@ def scatter_adam(
     nu: jax.Array,
     codes_a: tuple[jax.Array, jax.Array, jax.Array],
     codes_b: tuple[jax.Array, jax.Array, jax.Array],
-    y: jax.Array,
+    y_a: jax.Array,
+    y_b: jax.Array,
     hyper: jax.Array,
     flags: jax.Array,
-    offset_b: int,
     transposed: bool,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`adam` on the gradient scattered from two code sets (codes and aux-k's), per SAE of S:
-    scatter_rows (W_dec [S, F, d]) or scatter_cols (`transposed`: W_enc [S, d, F]) of set a over y[s] and
-    of set b over y[s, offset_b:], summed. codes (row [S, C], idx [S, C, K], val [S, C, K]); y [S, rows, d].
+    scatter_rows (W_dec [S, F, d]) or scatter_cols (`transposed`: W_enc [S, d, F]) of set a over y_a[s] and
+    of set b over y_b[s], summed. codes (row [S, C], idx [S, C, K], val [S, C, K]); y_a, y_b [S, B, d].
     No clipping (it needs the whole gradient first)."""
     n_latents = param.shape[2 if transposed else 1]
     scatter = scatter_cols if transposed else scatter_rows
 
-    def grad(a, b, y):
-        return scatter(*a, y, n_latents) + scatter(*b, y[offset_b:], n_latents)
+    def grad(a, b, y_a, y_b):
+        return scatter(*a, y_a, n_latents) + scatter(*b, y_b, n_latents)
 
-    g = jax.vmap(grad)(codes_a, codes_b, y)
+    g = jax.vmap(grad)(codes_a, codes_b, y_a, y_b)
     return adam(param, mu, nu, g, hyper, flags, rows=not transposed)
