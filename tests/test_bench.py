@@ -71,3 +71,17 @@ def test_options_round_trip_and_mesh():
     with pytest.raises(ConfigError):
         parse_mesh("data=x")
     assert [p.name for p in PEERS if p.library == "sparsify"] == ["sparsify-topk"]
+
+
+@pytest.mark.parametrize("architecture", ["batchtopk", "jumprelu"])
+def test_sparse_step_and_its_breakdown_run_in_process(architecture):
+    """The step the targets are measured on: sparse kernels, the fused update, on one device, with every
+    piece of the breakdown (the fused pieces call jaxsae.fused_step directly, not through the step)."""
+    from jaxsae.bench import ours
+
+    sparse = {"kernels": "sparse", "architecture": architecture, "mesh": "data=1"}
+    opts = BenchOptions(**{**TINY_OPTS.__dict__, **sparse})
+    out = ours.run(opts)
+    assert out["kernels"] == "sparse" and out["tokens_per_s"] > 0
+    assert set(out["breakdown_s"]) >= {"encoder_matmul", "selection", "decode", "backward", "optimizer"}
+    assert all(seconds >= 0 for seconds in out["breakdown_s"].values())

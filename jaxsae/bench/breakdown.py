@@ -145,13 +145,14 @@ def fused_update(ctx: Ctx) -> tuple[Callable, tuple]:
     params, fixed, x, dead, hp, scale, layer = _loss_args(ctx)
     update = jax.jit(partial(fused_step.update, ctx.cfg, ctx.mesh), donate_argnums=(0, 2))
     box = [jax.tree.map(jnp.copy, (params, ctx.state.opt_state))]
+    everyone = jnp.ones(ctx.state.step.shape, bool)
 
     def step(*args):
         new_params, new_opt, _, _ = update(box[0][0], fixed, box[0][1], *args)
         box[0] = (new_params, new_opt)
         return box[0]
 
-    return step, (x, dead, hp, scale, layer)
+    return step, (x, dead, hp, scale, layer, everyone)
 
 
 def _sparse_select(ctx: Ctx) -> tuple[Callable, tuple]:
