@@ -178,7 +178,7 @@ def use_fused_update(cfg: RunConfig, mesh: Mesh) -> bool:
     return use_sparse_kernels(cfg, mesh) and fused_step.supports(cfg, mesh)
 
 
-def _jit_step(cfg: RunConfig, mesh: Mesh, state: TrainState):
+def jit_step(cfg: RunConfig, mesh: Mesh, state: TrainState):
     """The jitted `(state, x [L, B, d_in] raw, ks [S] int32, todo [S] bool) -> (state, metrics, consumed)`:
     one step of the SAEs in `todo` (the others keep their state). `consumed` [S] bool: the SAEs that took
     the batch (todo, less those whose sparse codes were not exact: jumprelu's early in training)."""
@@ -230,8 +230,8 @@ class _SparseWithDenseFallback:
     while the codes fit. The host reads each sparse step's `consumed` flags (one small transfer)."""
 
     def __init__(self, cfg: RunConfig, mesh: Mesh, state: TrainState, everyone: jax.Array):
-        self.sparse = _jit_step(cfg, mesh, state)
-        self.make_dense = lambda: _jit_step(_dense_config(cfg), mesh, state)
+        self.sparse = jit_step(cfg, mesh, state)
+        self.make_dense = lambda: jit_step(_dense_config(cfg), mesh, state)
         self.dense = None
         self.everyone = everyone
         self.dense_left = 0
@@ -266,5 +266,5 @@ def make_train_step(cfg: RunConfig, mesh: Mesh, state: TrainState):
     everyone = jax.device_put(jnp.ones(n_saes, bool), named(mesh, P(SAE)))
     if cfg.sae.architecture == "jumprelu" and use_sparse_kernels(cfg, mesh):
         return _SparseWithDenseFallback(cfg, mesh, state, everyone)
-    step = _jit_step(cfg, mesh, state)
+    step = jit_step(cfg, mesh, state)
     return lambda state, x, ks: step(state, x, ks, everyone)[:2]
