@@ -17,7 +17,7 @@ from jax import lax
 
 from jaxsae.activations import heaviside
 from jaxsae.config import SAEConfig
-from jaxsae.sae import Params, activate, pre_activations
+from jaxsae.sae import Params, activate, matmul, pre_activations
 from jaxsae.selection import psum, topk_mask, vary
 
 
@@ -54,17 +54,17 @@ def sae_loss(
 ) -> tuple[jax.Array, LossOut]:
     """Total loss (scalar, equal on every device) and what the step needs besides the gradient."""
     n_rows = psum(x.shape[0], axes.data)
-    pre = pre_activations(params, x)
+    pre = pre_activations(params, x, cfg.dtype)
     codes, smallest = activate(
         cfg, params, pre, training=True, k=hp.k, k_max=k_max, data=axes.data, model=axes.model
     )
-    x_hat = psum(codes @ params["W_dec"], axes.model) + params["b_dec"]
+    x_hat = psum(matmul(codes, params["W_dec"], cfg.dtype), axes.model) + params["b_dec"]
     err = x - x_hat
     recon = psum(jnp.sum(err**2), axes.data) / n_rows
     sparsity = hp.sparsity_coefficient * sparsity_penalty(cfg, params, pre, codes, axes) / n_rows
     aux = jnp.zeros(())
     if cfg.architecture in ("topk", "batchtopk"):
-        aux = hp.aux_k_coefficient * aux_k_loss(params, pre, lax.stop_gradient(err), dead, axes)
+        aux = hp.aux_k_coefficient * aux_k_loss(params, pre, lax.stop_gradient(err), dead, axes, cfg.dtype)
     loss = recon + sparsity + aux
     fired = codes != 0
     metrics = reconstruction_metrics(x, x_hat, jnp.sum(fired, dtype=jnp.float32), axes)
@@ -92,7 +92,8 @@ def sparsity_penalty(
 
 
 def aux_k_loss(
-    params: Params, pre: jax.Array, residual: jax.Array, dead: jax.Array, axes: Axes = ONE_DEVICE
+    params: Params, pre: jax.Array, residual: jax.Array, dead: jax.Array, axes: Axes = ONE_DEVICE,
+    dtype: str = "float32",
 ) -> jax.Array:
     """The k_aux = d_in/2 largest dead latents of each row reconstruct the residual [b, d_in]
     (no b_dec), normalised by the residual's variance over the batch. 0 when nothing is dead; with
@@ -102,7 +103,7 @@ def aux_k_loss(
     acts = jax.nn.relu(pre)
     dead_acts = jnp.where(dead, acts, -1.0)  # below every live ReLU value: only dead ones are chosen
     chosen = topk_mask(dead_acts, k_aux, k_aux, axes.model) & dead
-    aux_hat = psum(jnp.where(chosen, acts, 0.0) @ params["W_dec"], axes.model)
+    aux_hat = psum(matmul(jnp.where(chosen, acts, 0.0), params["W_dec"], dtype), axes.model)
     loss = psum(jnp.sum((residual - aux_hat) ** 2), axes.data) / total_variance(residual, axes)
     return jnp.where(psum(jnp.sum(dead), axes.model) > 0, loss, 0.0)
 

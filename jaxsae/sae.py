@@ -63,9 +63,15 @@ def geometric_median(x: jax.Array, iters: int = 32) -> jax.Array:
     return y
 
 
-def pre_activations(params: Params, x: jax.Array) -> jax.Array:
-    """[B, d_in] -> [B, d_sae]: (x − b_dec) W_enc + b_enc."""
-    return (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
+def matmul(a: jax.Array, b: jax.Array, dtype: str = "float32") -> jax.Array:
+    """a @ b with both operands rounded to `dtype` (float32 or bfloat16), accumulated and returned in
+    float32; gradients reach a and b in their own dtypes."""
+    return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def pre_activations(params: Params, x: jax.Array, dtype: str = "float32") -> jax.Array:
+    """[B, d_in] -> [B, d_sae] float32: (x − b_dec) W_enc + b_enc, the matmul in `dtype`."""
+    return matmul(x - params["b_dec"], params["W_enc"], dtype) + params["b_enc"]
 
 
 def activate(

@@ -25,8 +25,9 @@ SPARSE_ARCHITECTURES = ("topk", "batchtopk", "jumprelu")
 
 
 def supports(cfg: SAEConfig, model_axis_size: int) -> bool:
-    """Whether the sparse loss can train this SAE on a mesh with this many latent shards."""
-    return cfg.architecture in SPARSE_ARCHITECTURES and model_axis_size == 1
+    """Whether the sparse loss can train this SAE on a mesh with this many latent shards (its kernels
+    compute in float32: not for a bfloat16 compute dtype)."""
+    return cfg.architecture in SPARSE_ARCHITECTURES and model_axis_size == 1 and cfg.dtype == "float32"
 
 
 class Selection(NamedTuple):

@@ -2,13 +2,14 @@
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
 from jaxsae import sae
 from jaxsae.activations import heaviside, jumprelu
 from jaxsae.config import SAEConfig
-from jaxsae.losses import aux_k_loss, reconstruction_metrics
+from jaxsae.losses import LossHParams, aux_k_loss, reconstruction_metrics, sae_loss
 
 B, D, F, K = 16, 8, 32, 3
 
@@ -34,7 +35,10 @@ def _x(seed: int = 1) -> np.ndarray:
 
 def _np_codes(arch: str, p: dict, x: np.ndarray, training: bool) -> np.ndarray:
     """Independent reference: stable sorts for the selections."""
-    pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+    return _np_select(arch, p, (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"], training)
+
+
+def _np_select(arch: str, p: dict, pre: np.ndarray, training: bool) -> np.ndarray:
     acts = np.maximum(pre, 0)
     keep = np.zeros_like(acts, bool)
     if arch == "relu":
@@ -167,3 +171,37 @@ def test_metrics_match_numpy():
     np.testing.assert_allclose(m["fve"], 1 - nmse, rtol=1e-5)
     np.testing.assert_allclose(m["mse"], ((x - x_hat) ** 2).mean(), rtol=1e-5)
     np.testing.assert_allclose(m["l0"], (codes != 0).sum(1).mean(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu"])
+def test_bfloat16_compute_rounds_the_matmul_operands_only(arch):
+    """sae.dtype=bfloat16: the loss is numpy's with both matmuls' operands rounded to bfloat16 and the
+    products summed in float32 (not the float32 loss); the gradients stay float32, near float32's."""
+    p, x = _params(arch), _x()
+    hp = LossHParams(jnp.int32(K), jnp.float32(0.1), jnp.float32(0.0))
+    dead = jnp.zeros(F, bool)
+
+    def rounded(a):
+        return np.asarray(a, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+
+    def np_loss(round_to):
+        pre = round_to(x - p["b_dec"]) @ round_to(p["W_enc"]) + p["b_enc"]
+        codes = _np_select(arch, p, pre, training=True)
+        err = x - (round_to(codes) @ round_to(p["W_dec"]) + p["b_dec"])
+        sparsity = np.sum(np.abs(codes) * np.linalg.norm(p["W_dec"], axis=1)) if arch == "relu" else 0.0
+        return (np.sum(err**2) + 0.1 * sparsity) / B
+
+    def loss_and_grads(dtype):
+        cfg = SAEConfig(d_in=D, d_sae=F, architecture=arch, k=K, dtype=dtype)
+        fn = lambda q: sae_loss(cfg, q, jnp.asarray(x), dead, hp, K)[0]  # noqa: E731
+        return jax.value_and_grad(fn)({n: jnp.asarray(v) for n, v in p.items()})
+
+    loss16, grads16 = loss_and_grads("bfloat16")
+    loss32, grads32 = loss_and_grads("float32")
+    np.testing.assert_allclose(float(loss16), np_loss(rounded), rtol=1e-5)
+    np.testing.assert_allclose(float(loss32), np_loss(lambda a: a), rtol=1e-5)
+    assert abs(float(loss16) - float(loss32)) > 1e-4 * abs(float(loss32))
+    for name, g in grads16.items():
+        assert g.dtype == jnp.float32, name
+        g, want = np.ravel(g), np.ravel(grads32[name])
+        assert np.dot(g, want) > 0.99 * np.linalg.norm(g) * np.linalg.norm(want), name

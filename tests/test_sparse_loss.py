@@ -153,14 +153,16 @@ def test_jumprelu_falls_back_to_dense_when_its_codes_do_not_fit():
         _close(sparse_state.params[key], dense_state.params[key], key)
 
 
-def test_sparse_kernels_are_refused_where_they_do_not_apply():
-    cfg = RunConfig(sae=SAEConfig(d_in=16, d_sae=64, architecture="relu"),
-                    train=TrainConfig(kernels="sparse"))
+@pytest.mark.parametrize("sae_cfg", [dict(architecture="relu"), dict(architecture="topk", dtype="bfloat16")])
+def test_sparse_kernels_are_refused_where_they_do_not_apply(sae_cfg):
+    from jaxsae.step import use_sparse_kernels
+
+    sparse = RunConfig(sae=SAEConfig(d_in=16, d_sae=64, **sae_cfg), train=TrainConfig(kernels="sparse"))
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
     with pytest.raises(ConfigError, match="train.kernels"):
-        from jaxsae.step import use_sparse_kernels
-
-        use_sparse_kernels(cfg, mesh)
+        use_sparse_kernels(sparse, mesh)
+    auto = dataclasses.replace(sparse, train=TrainConfig(kernels="auto"))
+    assert not use_sparse_kernels(auto, mesh)
 
 
 def test_unknown_kernels_option_is_a_config_error():

@@ -26,7 +26,7 @@ from jaxsae.kernels import ops
 from jaxsae.sae import estimate_input_scale, pre_activations
 from jaxsae.selection import DATA, MODEL, SAE
 from jaxsae.sharding import BATCH, make_mesh, named, state_shardings
-from jaxsae.step import TrainState, init_states, make_train_step
+from jaxsae.step import TrainState, init_states, make_train_step, use_sparse_kernels
 
 
 def run_config(opts: BenchOptions) -> RunConfig:
@@ -98,16 +98,6 @@ def setup(opts: BenchOptions):
         state = calibrate_jumprelu(state, x, opts.k, mesh)
     ks = jax.device_put(jnp.asarray(cfg.sae_ks(), jnp.int32), named(mesh, P(SAE)))
     return cfg, mesh, state, x, ks
-
-
-def bf16_unsupported(state: TrainState) -> str | None:
-    """Why bfloat16 cannot be benchmarked yet, or None when the parameters are bfloat16."""
-    if state.params["W_enc"].dtype == jnp.bfloat16:
-        return None
-    return (
-        "bf16 not supported: sae.dtype=bfloat16 is accepted but jaxsae.sae.init makes float32 parameters, "
-        "so the step's matmuls run in float32"
-    )
 
 
 def time_training(
@@ -212,11 +202,9 @@ def run(opts: BenchOptions) -> dict:
         "devices": len(devices),
         "mesh": dict(mesh.shape),
         "n_saes": opts.seeds,
-        "kernels": getattr(cfg.train, "kernels", "dense"),
+        "kernels": "sparse" if use_sparse_kernels(cfg, mesh) else "dense",  # what `train.kernels` chose
         "dead_latents": len(inputs.dead_latents(opts.d_sae, opts.dead_fraction)),
     }
-    if opts.dtype == "bfloat16" and (why := bf16_unsupported(state)):
-        return {**head, "skipped": why}
     trained, step_call = time_training(cfg, mesh, state, x, ks, opts)
     floor = time_floor(mesh, opts, step_call)
     state = floor.pop("state")
