@@ -32,9 +32,9 @@ class SAEConfig:
     d_sae: int = 512
     architecture: str = "topk"  # topk | batchtopk | jumprelu | relu
     k: int = 8  # topk: active latents per row; batchtopk: mean active latents per row
-    # Compute dtype of the training step's encoder and decoder matmuls (mixed precision: params,
-    # gradients and Adam state stay float32, products accumulate in float32). bfloat16 takes the dense
-    # step: the sparse kernels compute in float32.
+    # Compute dtype of the training step's matmuls (mixed precision: params, gradients and Adam state
+    # stay float32, products accumulate in float32): the encoder's and, in the dense step, the
+    # decoder's. The sparse step's decode and gradients touch k entries per row and stay float32.
     dtype: str = "float32"
     # jumprelu
     # In scaled units (E‖x‖² = d_in, coordinates of RMS 1): ε 0.001 at E‖x‖² = 1 and d_in 768 is ≈ 0.03 here.

@@ -7,7 +7,7 @@ The gradients it scatters are the loss's gradients with respect to `Taps` (zeros
 products' outputs, see jaxsae.sparse_loss): those, the small parameters' gradients and the codes are
 all the step needs. Equal to jaxsae.step's unfused path (tests/test_fused_step.py). Needs: no gradient
 clipping (the global norm needs the whole gradient first), a data axis of size 1 (each device owns its
-SAEs whole), float32 parameters. jumprelu's tanh penalty also reaches W_dec through its row norms: that
+SAEs whole). jumprelu's tanh penalty also reaches W_dec through its row norms: that
 gradient is parallel to each (unit) row, which the update projects out, so it is left out here.
 """
 
@@ -40,8 +40,21 @@ def supports(cfg: RunConfig, mesh: Mesh) -> bool:
         and cfg.train.max_grad_norm <= 0
         and mesh.shape[DATA] == 1
         and mesh.shape[MODEL] == 1
-        and jnp.dtype(cfg.sae.dtype) == jnp.float32
     )
+
+
+def per_sae(fn):
+    """`fn` over the leading SAE axis of every argument (all [S, ...]): vmapped, or with one SAE called
+    on the arrays without it, so that XLA sees no batch dimension (rank-1 scatter indices, no copies
+    between [1, b, d] and [b, d] layouts)."""
+
+    def mapped(*args):
+        if jax.tree.leaves(args)[0].shape[0] != 1:
+            return jax.vmap(fn)(*args)
+        out = fn(*jax.tree.map(lambda a: a[0], args))
+        return jax.tree.map(lambda a: jnp.expand_dims(a, 0), out)
+
+    return mapped
 
 
 def tap_gradients(
@@ -52,15 +65,15 @@ def tap_gradients(
     raw): (rows [S, b, d] scaled, the selection, the small parameters' gradients, the taps' gradients,
     LossOut). Everything the update needs, without an [F, d] gradient."""
     k_max = max(cfg.sae_ks())
-    rows = jax.vmap(lambda s, i: x[i] * s)(scale, layer)  # [S, b, d], scaled
+    rows = per_sae(lambda s, i: x[i] * s)(scale, layer)  # [S, b, d], scaled
     both = {**params, **fixed}
-    sel = jax.vmap(partial(select, cfg.sae, k_max=k_max))(both, rows, dead, hp)
-    taps = jax.vmap(zero_taps)(sel, rows)
+    sel = per_sae(partial(select, cfg.sae, k_max=k_max))(both, rows, dead, hp)
+    taps = per_sae(zero_taps)(sel, rows)
     small = {n: v for n, v in params.items() if n not in _MATRICES}
 
     def loss(small: dict, taps: Taps):
         one = partial(sparse_sae_loss, cfg.sae, k_max=k_max)
-        losses, out = jax.vmap(lambda p, r, d, h, s, t: one(p, r, d, h, selection=s, taps=t))(
+        losses, out = per_sae(lambda p, r, d, h, s, t: one(p, r, d, h, selection=s, taps=t))(
             {**both, **small}, rows, dead, hp, sel, taps
         )
         return losses.sum(), out
@@ -83,7 +96,7 @@ def per_device(
     mu, nu = optimizer.moments(tc, opt_state)
     new = {n: kernel("adam")(params[n], mu[n], nu[n], g, h, flags, False) for n, g in g_small.items()}
     # Empty slots (idx −1) are skipped by the scatters: no masking of the values needed.
-    codes = jax.vmap(lambda p, pre, idx: codes_at(cfg.sae, p, pre, idx)[0])
+    codes = per_sae(lambda p, pre, idx: codes_at(cfg.sae, p, pre, idx)[0])
     main = (sel.row, sel.idx, codes({**params, **fixed}, sel.pre, sel.idx))  # as the decodes read them
     aux = (sel.aux_row, sel.aux_idx, jax.nn.relu(sel.aux_pre))  # jumprelu: no slots
     aux_y = g_taps.main if cfg.sae.architecture == "jumprelu" else g_taps.aux  # (unread then)

@@ -25,9 +25,8 @@ SPARSE_ARCHITECTURES = ("topk", "batchtopk", "jumprelu")
 
 
 def supports(cfg: SAEConfig, model_axis_size: int) -> bool:
-    """Whether the sparse loss can train this SAE on a mesh with this many latent shards (its kernels
-    compute in float32: not for a bfloat16 compute dtype)."""
-    return cfg.architecture in SPARSE_ARCHITECTURES and model_axis_size == 1 and cfg.dtype == "float32"
+    """Whether the sparse loss can train this SAE on a mesh with this many latent shards."""
+    return cfg.architecture in SPARSE_ARCHITECTURES and model_axis_size == 1
 
 
 class Selection(NamedTuple):
@@ -78,8 +77,9 @@ def select(
     jumprelu keeps the entries above θ − ε/2, also selected while encoding on the CPU."""
     params = jax.tree.map(lax.stop_gradient, params)
     b, n_latents = x.shape[0], params["W_enc"].shape[1]
-    xc = x - params["b_dec"]
-    w_enc, b_enc = params["W_enc"], params["b_enc"]
+    # The encoder matmul's operands in the compute dtype; the kernels accumulate in float32.
+    xc = (x - params["b_dec"]).astype(cfg.dtype)
+    w_enc, b_enc = params["W_enc"].astype(cfg.dtype), params["b_enc"]
     k_aux = min(x.shape[-1] // 2, n_latents)
     rows = jnp.arange(b, dtype=jnp.int32)
     if cfg.architecture == "topk":

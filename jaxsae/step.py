@@ -113,8 +113,8 @@ def use_sparse_kernels(cfg: RunConfig, mesh: Mesh) -> bool:
     ok = sparse_loss.supports(cfg.sae, mesh.shape[MODEL])
     if cfg.train.kernels == "sparse" and not ok:
         raise ConfigError(
-            f"train.kernels: sparse needs architecture {' or '.join(SPARSE_ARCHITECTURES)}, mesh.model 1 and "
-            f"sae.dtype float32 (got {cfg.sae.architecture}, model {mesh.shape[MODEL]}, {cfg.sae.dtype})"
+            f"train.kernels: sparse needs architecture {' or '.join(SPARSE_ARCHITECTURES)} and mesh.model 1 "
+            f"(got {cfg.sae.architecture}, model {mesh.shape[MODEL]})"
         )
     return ok and cfg.train.kernels != "dense"
 

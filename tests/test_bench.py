@@ -58,14 +58,15 @@ def test_missing_peer_is_skipped(tmp_path, monkeypatch, capsys):
     assert all("skipped: not installed" in line for line in peer_lines(result["runs"]["topk"]))
 
 
-def test_bf16_is_measured_on_the_dense_step():
-    """bfloat16 is the matmuls' compute dtype (jaxsae.sae.matmul); the sparse kernels are float32, so
-    `auto` takes the dense step."""
+@pytest.mark.parametrize("kernels", ["auto", "dense"])
+def test_bf16_is_measured(kernels):
+    """bfloat16 is the compute dtype of the matmuls (jaxsae.sae.matmul, the sparse step's encoder)."""
     from jaxsae.bench import ours
 
-    opts = {**TINY_OPTS.__dict__, "dtype": "bfloat16", "breakdown": False, "kernels": "auto"}
+    opts = {**TINY_OPTS.__dict__, "dtype": "bfloat16", "breakdown": False, "kernels": kernels}
     out = ours.run(BenchOptions(**opts))
-    assert out["tokens_per_s"] > 0 and out["kernels"] == "dense" and out["dtype"] == "bfloat16"
+    assert out["kernels"] == {"auto": "sparse", "dense": "dense"}[kernels]
+    assert out["tokens_per_s"] > 0 and out["dtype"] == "bfloat16"
     assert np.isfinite(out["aux_loss"]) and out["memory"]["batch_bytes"] == 64 * 32 * 2
 
 

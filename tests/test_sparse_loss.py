@@ -9,6 +9,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -153,11 +154,40 @@ def test_jumprelu_falls_back_to_dense_when_its_codes_do_not_fit():
         _close(sparse_state.params[key], dense_state.params[key], key)
 
 
-@pytest.mark.parametrize("sae_cfg", [dict(architecture="relu"), dict(architecture="topk", dtype="bfloat16")])
-def test_sparse_kernels_are_refused_where_they_do_not_apply(sae_cfg):
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
+def test_bfloat16_selection_encodes_with_rounded_operands(backend, arch):
+    """sae.dtype=bfloat16: the sparse step's encoder matmul takes both operands rounded to bfloat16
+    (float32 accumulation): its pre-activations at the selected slots are numpy's with those operands,
+    not float32's; the codes are the dense step's on them."""
+    from jaxsae.sparse_loss import select
+
+    cfg, params, x, dead, hp = _problem(arch)
+    cfg16 = dataclasses.replace(cfg, dtype="bfloat16")
+    sel = select(cfg16, params, x, dead, hp, 4)
+
+    def rounded(a):
+        return np.asarray(a, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+
+    centred = np.asarray(x - params["b_dec"])
+    want = rounded(centred) @ rounded(params["W_enc"]) + np.asarray(params["b_enc"])
+    full = centred @ np.asarray(params["W_enc"]) + np.asarray(params["b_enc"])
+    row, idx, pre = (np.asarray(a) for a in (sel.row, sel.idx, sel.pre))
+    used = idx >= 0
+    rows = np.broadcast_to(row[:, None], idx.shape)[used]
+    np.testing.assert_allclose(pre[used], want[rows, idx[used]], rtol=1e-5, atol=1e-5)
+    assert np.abs(pre[used] - full[rows, idx[used]]).max() > 1e-4
+    if arch != "jumprelu":  # jumprelu's slots hold a band around θ, not only the codes
+        dense_codes = sae.activate(cfg, params, jnp.asarray(want), training=True, k=4)[0]
+        chosen = np.zeros(want.shape, bool)
+        chosen[rows, idx[used]] = True
+        np.testing.assert_array_equal(chosen, np.asarray(dense_codes) != 0)
+
+
+def test_sparse_kernels_are_refused_where_they_do_not_apply():
     from jaxsae.step import use_sparse_kernels
 
-    sparse = RunConfig(sae=SAEConfig(d_in=16, d_sae=64, **sae_cfg), train=TrainConfig(kernels="sparse"))
+    relu = SAEConfig(d_in=16, d_sae=64, architecture="relu")
+    sparse = RunConfig(sae=relu, train=TrainConfig(kernels="sparse"))
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
     with pytest.raises(ConfigError, match="train.kernels"):
         use_sparse_kernels(sparse, mesh)

@@ -115,8 +115,9 @@ def compact(
 
 
 def encode(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
-    """[R, F] float32 pre-activations x·w + b (x [R, d], w [d, F], b [F]; x is already centred)."""
-    return x.astype(jnp.float32) @ w.astype(jnp.float32) + b.astype(jnp.float32)
+    """[R, F] float32 pre-activations x·w + b (x [R, d], w [d, F], b [F]; x is already centred): a
+    matmul in the operands' dtype (bfloat16 ones take the bfloat16 units), accumulated in float32."""
+    return jnp.matmul(x, w, preferred_element_type=jnp.float32) + b.astype(jnp.float32)
 
 
 def encode_histogram(x: jax.Array, w: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
