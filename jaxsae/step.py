@@ -227,7 +227,8 @@ class _SparseWithDenseFallback:
     """jumprelu's step with the sparse kernels: the sparse step, and for the SAEs whose codes did not fit
     (more entries near their thresholds than the codes hold) the dense step on the same batch, compiled
     when first needed. Kept out of the sparse executable, the dense loss's [B, F] buffers cost nothing
-    while the codes fit. The host reads each sparse step's `consumed` flags (one small transfer)."""
+    while the codes fit. The host reads each sparse step's `consumed` flags (one small transfer).
+    `metrics["dense_steps"]` [S]: how many of this process's steps each SAE took on the dense step."""
 
     def __init__(self, cfg: RunConfig, mesh: Mesh, state: TrainState, everyone: jax.Array):
         self.sparse = jit_step(cfg, mesh, state)
@@ -235,6 +236,7 @@ class _SparseWithDenseFallback:
         self.dense = None
         self.everyone = everyone
         self.dense_left = 0
+        self.dense_steps = jnp.zeros(everyone.shape, jnp.float32)
 
     def _dense(self, state: TrainState, x: jax.Array, ks: jax.Array, todo: jax.Array):
         self.dense = self.dense or self.make_dense()
@@ -243,14 +245,18 @@ class _SparseWithDenseFallback:
     def __call__(self, state: TrainState, x: jax.Array, ks: jax.Array) -> tuple[TrainState, dict]:
         if self.dense_left:
             self.dense_left -= 1
-            return self._dense(state, x, ks, self.everyone)
+            return self._counted(*self._dense(state, x, ks, self.everyone), self.everyone)
         state, metrics, consumed = self.sparse(state, x, ks, self.everyone)
         if np.all(jax.device_get(consumed)):
-            return state, metrics
+            return self._counted(state, metrics, ~consumed)
         self.dense_left = DENSE_STEPS_BEFORE_RETRY
         state, dense_metrics = self._dense(state, x, ks, ~consumed)
         merged = {k: optimizer.per_sae(consumed, v, dense_metrics[k]) for k, v in metrics.items()}
-        return state, merged
+        return self._counted(state, merged, ~consumed)
+
+    def _counted(self, state: TrainState, metrics: dict, dense: jax.Array) -> tuple[TrainState, dict]:
+        self.dense_steps = self.dense_steps + dense
+        return state, dict(metrics, dense_steps=self.dense_steps)
 
 
 def _dense_config(cfg: RunConfig) -> RunConfig:

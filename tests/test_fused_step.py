@@ -108,3 +108,4 @@ def test_jumprelu_sae_whose_codes_do_not_fit_is_redone_by_the_dense_step(monkeyp
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=2e-5)
     np.testing.assert_allclose(sparse_m["loss"], dense_m["loss"], rtol=1e-5)
     assert list(np.asarray(sparse.step)) == [3, 3]
+    assert list(sparse_m["dense_steps"]) == [1, 3]  # SAE 0: step 2 only; SAE 1: every step
