@@ -99,7 +99,8 @@ def per_device(
     codes = per_sae(lambda p, pre, idx: codes_at(cfg.sae, p, pre, idx)[0])
     main = (sel.row, sel.idx, codes({**params, **fixed}, sel.pre, sel.idx))  # as the decodes read them
     aux = (sel.aux_row, sel.aux_idx, jax.nn.relu(sel.aux_pre))  # jumprelu: no slots
-    aux_y = g_taps.main if cfg.sae.architecture == "jumprelu" else g_taps.aux  # (unread then)
+    # jumprelu has no aux slots, so y_b is never read: passing main keeps its zero aux gradient out of memory.
+    aux_y = g_taps.main if cfg.sae.architecture == "jumprelu" else g_taps.aux
     new["W_dec"] = kernel("scatter_adam")(
         params["W_dec"], mu["W_dec"], nu["W_dec"], main, aux, g_taps.main, aux_y, h, flags, False
     )
