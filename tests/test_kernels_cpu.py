@@ -176,6 +176,70 @@ def exact_encoder(rng: np.random.Generator, rows: int, d: int, n_latents: int):
     return x, w, rng.integers(-2, 3, n_latents).astype(np.float32) / 4
 
 
+def wide_encoder(rng: np.random.Generator, rows: int, d: int, n_latents: int, top: int = 999):
+    """As exact_encoder (sums exact in float32 while d·top² < 2²⁴), but with integers up to `top`, which
+    bfloat16 (8 significant bits) mostly cannot hold: the screen's approximations are off by far more than
+    the gaps between pre-activations (many exact ties), so its selections hold only if the exact
+    refinement covers every entry its bound does not rule out."""
+    x, w = (rng.integers(-top, top + 1, s).astype(np.float32) for s in ((rows, d), (d, n_latents)))
+    return x, w, rng.integers(-3, 4, n_latents).astype(np.float32)
+
+
+needs_screen = pytest.mark.skipif(not cpu.available() or not cpu.can_screen(), reason="no AVX512-BF16 screen")
+
+
+@needs_screen
+@pytest.mark.parametrize("rows,n_latents,k,size", [(600, 512, 16, 20), (300, 1000, 50, 50), (7, 10, 9, 9)])
+def test_screened_encode_topk_equals_reference(rows, n_latents, k, size):
+    """encode_topk with the bfloat16 screen required (an error if it fell back) selects as on float32
+    values: ids and values bit for bit, on inputs that bfloat16 rounds (see wide_encoder); aux-k's mask
+    with few latents and with many."""
+    rng = np.random.default_rng(11)
+    x, w, b = wide_encoder(rng, rows, 8, n_latents)
+    mask = rng.random(n_latents) < 0.9
+    fused = jax.jit(partial(cpu.encode_topk, screen="required"), static_argnums=(5, 8))
+    for aux_share, k_aux in ((0.02, 3), (0.5, 5)):
+        aux = rng.random(n_latents) < aux_share
+        args = (x, w, b, k, mask, size, k_aux, aux, 6)
+        for got, want in zip(fused(*args), R["encode_topk"](*args), strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+@needs_screen
+def test_screen_bound_is_tight_where_rounding_errors_align():
+    """The worst case of the screen's bound: x = 257 everywhere (bfloat16: 256), latent A's weights 257
+    (A's approximation 4104 below its value, the whole bound but 1%) and latent C's −257 with a bias
+    (C's 4104 above), C's value 1 below A's. Per row the top 1 and aux-k's top 1 must be A, which takes
+    every bit of the bound: with 2% less it is not a candidate (checked once by hand)."""
+    rows, d, n_latents, a, c = 5, 8, 40, 7, 23
+    x = np.full((rows, d), 257.0, np.float32)
+    w = np.zeros((d, n_latents), np.float32)
+    b = np.full(n_latents, -1.0, np.float32)
+    w[:, a], w[:, c], b[a], b[c] = 257.0, -257.0, 0.0, 2 * 8 * 257.0**2 - 1
+    want = np.full(rows, a, np.int32)
+    aux = np.isin(np.arange(n_latents), [a, c, 30])
+    all_latents = np.ones(n_latents, bool)
+    idx, val, aux_idx, _ = cpu.encode_topk(x, w, b, 1, all_latents, 1, 1, aux, 1, screen="required")
+    np.testing.assert_array_equal(np.asarray(idx)[:, 0], want)
+    np.testing.assert_array_equal(np.asarray(aux_idx)[:, 0], want)
+    np.testing.assert_array_equal(np.asarray(val)[:, 0], np.float32(8 * 257.0**2))
+
+
+@needs_screen
+def test_screen_is_skipped_where_its_bound_is_not_finite():
+    """A NaN weight makes the screen's bound NaN: screen=auto runs unscreened (the same results as
+    screen=off), screen=required reports it."""
+    rng = np.random.default_rng(12)
+    x, w, b = wide_encoder(rng, 40, 8, 64)
+    w[3, 5] = np.nan
+    args = (x, w, b, 4, np.ones(64, bool), 4, 2, np.arange(64) % 9 == 0, 2)
+    auto, off = cpu.encode_topk(*args, screen="auto"), cpu.encode_topk(*args, screen="off")
+    for got, want in zip(auto, off, strict=True):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(Exception, match="ran unscreened"):
+        jax.block_until_ready(cpu.encode_topk(*args, screen="required"))
+
+
 def test_encode_histogram_equals_reference():
     """The encoder with the level-0 histogram fused in: both outputs exact (exact inputs), 3 row blocks."""
     rng = np.random.default_rng(10)
@@ -221,25 +285,30 @@ def thresholds(rng: np.random.Generator, acts: np.ndarray) -> np.ndarray:
 
 
 
-def _batchtopk_case(case: str, rng: np.random.Generator):
+def _batchtopk_case(case: str, rng: np.random.Generator, wide: bool = False):
     """(x, w, b, k, expected encoder passes or None) of encode_batchtopk's cases: its guess holds; the
     rows of the guess's sample (each thread's first block: 256 rows at these F) are ten times smaller
     than the rest, so the pool overflows, or ten times larger, so the guess is above the threshold and
     the pool misses entries (both on ≤ 4 threads, where the sample misses most rows); every entry equal
-    (the threshold's bin overflows the pool); fewer positive entries than k·B."""
+    (the threshold's bin overflows the pool); fewer positive entries than k·B. `wide`: wide_encoder's
+    integers (sums exact, also with the eightfold rows), for the screen."""
     shapes = {
         "guess holds": (700, 16, 200, 3),
         "first rows smaller": (1100, 8, 96, 1),
         "first rows larger": (4096, 8, 96, 2),
     }
     rows, d, n_latents, k = shapes.get(case, (600, 8, 64, 2))
-    x = rng.standard_normal((rows, d)).astype(np.float32)
-    w = rng.standard_normal((d, n_latents)).astype(np.float32)
-    b = (0.1 * rng.standard_normal(n_latents)).astype(np.float32)
+    if wide:
+        x, w, b = wide_encoder(rng, rows, d, n_latents, top=400)
+    else:
+        x = rng.standard_normal((rows, d)).astype(np.float32)
+        w = rng.standard_normal((d, n_latents)).astype(np.float32)
+        b = (0.1 * rng.standard_normal(n_latents)).astype(np.float32)
     passes = 1
     threads = len(os.sched_getaffinity(0))
     if case in ("first rows smaller", "first rows larger"):
-        x[: 256 * threads] *= 0.1 if case == "first rows smaller" else 10
+        smaller = case == "first rows smaller"
+        x[: 256 * threads] *= (0.125 if wide else 0.1) if smaller else (8 if wide else 10)
         passes = 2 if threads <= 4 else None
     elif case == "all equal":
         w[:] = 0
@@ -251,19 +320,30 @@ def _batchtopk_case(case: str, rng: np.random.Generator):
     return x, w, b, k, passes
 
 
-@pytest.mark.parametrize(
-    "case", ["guess holds", "first rows smaller", "first rows larger", "all equal", "few positives"]
-)
-def test_encode_batchtopk_equals_encode_then_select(case):
+BATCHTOPK_CASES = ["guess holds", "first rows smaller", "first rows larger", "all equal", "few positives"]
+# With the screen: its pool holds the pass's candidates, so only a guess above the threshold's bin
+# (approximate bins below it) sends the kernel to the unscreened passes (1 + 2).
+SCREENED_PASSES = {"first rows larger": 3}
+
+
+@pytest.mark.parametrize("screen", ["off", "required"])
+@pytest.mark.parametrize("case", BATCHTOPK_CASES)
+def test_encode_batchtopk_equals_encode_then_select(case, screen):
     """The fused BatchTopK kernel equals the composition that defines it (encode_histogram,
-    select_batchtopk, topk_rows of aux-k, values at the slots) bit for bit, in one, two or three passes."""
-    x, w, b, k, passes = _batchtopk_case(case, np.random.default_rng(4))
+    select_batchtopk, topk_rows of aux-k, values at the slots) bit for bit, in one, two or three passes;
+    with the screen required, on inputs that bfloat16 rounds (the unscreened passes after a screened one
+    that could not select: "required" then only asks that the screen ran)."""
+    if screen != "off" and not cpu.can_screen():
+        pytest.skip("no AVX512-BF16 screen")
+    x, w, b, k, passes = _batchtopk_case(case, np.random.default_rng(4), wide=screen != "off")
+    if screen != "off" and passes is not None:
+        passes = SCREENED_PASSES.get(case, 1)
     n_latents = w.shape[1]
     for mask_aux in (np.arange(n_latents) % 40 == 3, np.arange(n_latents) % 2 == 0):  # few and many allowed
         want = jax.jit(partial(ops.encode_batchtopk, fused=False), static_argnums=(4, 5))(
             x, w, b, k, 2 * k, 4, mask_aux
         )
-        got = jax.jit(cpu.encode_batchtopk, static_argnums=(6, 7, 8))(
+        got = jax.jit(partial(cpu.encode_batchtopk, screen=screen), static_argnums=(6, 7, 8))(
             x, w, b, k * x.shape[0], mask_aux, 4, 2 * x.shape[0], 2 * k, 4
         )
         names = ("row", "idx", "val", "aux_idx", "aux_val", "smallest")

@@ -1,4 +1,5 @@
-"""Builds `cpu_kernels.cc` into a shared library, once per (source, jax version, compiler, flags, CPU).
+"""Builds `cpu_kernels.cc` (with the headers it includes) into a shared library, once per (source, jax
+version, compiler, flags, CPU).
 
 The library lands in `$JAXSAE_CACHE/kernels/<hash>/libjaxsae_cpu.so` (default `~/.cache/jaxsae`).
 Concurrent processes take a file lock, and the compiler writes a temporary file that is renamed into
@@ -21,6 +22,7 @@ import jax
 import scipy_openblas32
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+HEADERS = (Path(__file__).with_name("bf16_screen.h"),)  # included by SOURCE
 LIB_NAME = "libjaxsae_cpu.so"
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
@@ -68,6 +70,7 @@ def cache_dir() -> Path:
     h = hashlib.sha256()
     for part in (
         SOURCE.read_bytes(),
+        *(header.read_bytes() for header in HEADERS),
         jax.__version__.encode(),
         " ".join(FLAGS).encode(),
         version.encode(),

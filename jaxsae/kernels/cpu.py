@@ -68,6 +68,18 @@ def set_tile(tile: int) -> None:
     _library().jaxsae_set_tile(ctypes.c_int64(tile))
 
 
+# encode_topk / encode_batchtopk's `screen`: off; auto (the bfloat16 screen where the library has it and
+# the inputs allow, see bf16_screen.h); required (for tests: an error when encode_topk selected without
+# it, or encode_batchtopk ran no screened pass; its passes then say whether that pass selected).
+SCREEN_MODES = {"off": 0, "auto": 1, "required": 2}
+
+
+@functools.cache
+def can_screen() -> bool:
+    """Whether the library has the bfloat16 screen (built on a CPU with AVX512-BF16)."""
+    return bool(_library().jaxsae_can_screen())
+
+
 def _call(name: str, out: object, *args: jax.Array, **attrs: object) -> object:
     """Runs the custom call `name` with result shape(s) `out`."""
     _library()
@@ -166,8 +178,10 @@ def encode_topk(
     k_aux: jax.Array | int,
     mask_aux: jax.Array,
     size_aux: int,
+    screen: str = "auto",
 ):
-    """As `reference.encode_topk`, without ever holding more than one block of rows of x·w + b."""
+    """As `reference.encode_topk`, without ever holding more than one block of rows of x·w + b. With the
+    screen (`SCREEN_MODES`) the values are float32 sums as well and the selections those on them."""
     rows = x.shape[0]
     out = (
         jax.ShapeDtypeStruct((rows, size), jnp.int32),
@@ -176,7 +190,8 @@ def encode_topk(
         jax.ShapeDtypeStruct((rows, size_aux), jnp.float32),
     )
     mask, mask_aux = jnp.asarray(mask, jnp.bool_), jnp.asarray(mask_aux, jnp.bool_)
-    return tuple(_call("encode_topk", out, _f32(x), _f32(w), _f32(b), mask, _i32(k), mask_aux, _i32(k_aux)))
+    args = (_f32(x), _f32(w), _f32(b), mask, _i32(k), mask_aux, _i32(k_aux))
+    return tuple(_call("encode_topk", out, *args, screen=np.int32(SCREEN_MODES[screen])))
 
 
 def encode_batchtopk(
@@ -189,13 +204,15 @@ def encode_batchtopk(
     n_chunks: int,
     size: int,
     size_aux: int,
+    screen: str = "auto",
 ):
     """One shard's BatchTopK of pre = x·w + b (x [R, d], w [d, F], b [F]) without holding pre: the kb
     largest positive entries (ties by row-major order) as chunked ELL (row [n_chunks], idx [n_chunks,
     size] int32, pre at the slots), the top k_aux of each row among latents with mask_aux (idx [R,
     size_aux], pre at idx), the smallest kept value (its bits as select_batchtopk's threshold) and the
-    number of encoder passes it took (1 when its guess of the threshold held, up to 3). The first six
-    equal ops.encode_batchtopk's composition on one shard."""
+    number of encoder passes it took (1 when its guess of the threshold held, up to 4 with a screened
+    pass that did not). The first six equal ops.encode_batchtopk's composition on one shard. `screen`:
+    as encode_topk's."""
     rows = x.shape[0]
     out = (
         jax.ShapeDtypeStruct((n_chunks,), jnp.int32),
@@ -207,7 +224,8 @@ def encode_batchtopk(
         jax.ShapeDtypeStruct((), jnp.int32),
     )
     mask_aux = jnp.asarray(mask_aux, jnp.bool_)
-    return tuple(_call("encode_batchtopk", out, _f32(x), _f32(w), _f32(b), _i32(kb), mask_aux, _i32(k_aux)))
+    args = (_f32(x), _f32(w), _f32(b), _i32(kb), mask_aux, _i32(k_aux))
+    return tuple(_call("encode_batchtopk", out, *args, screen=np.int32(SCREEN_MODES[screen])))
 
 
 def encode_above(x: jax.Array, w: jax.Array, b: jax.Array, thr: jax.Array, n_chunks: int, size: int):

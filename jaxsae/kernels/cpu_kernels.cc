@@ -14,12 +14,14 @@
 #include <atomic>
 #include <climits>
 #include <cmath>
+#include <string>
 #include <utility>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "bf16_screen.h"
 
 #include <cblas.h>  // scipy-openblas32: symbols prefixed scipy_
 
@@ -556,6 +558,13 @@ void ScatterRows(const int32_t* row, const int32_t* idx, const float* val, const
 }
 
 // ---------------------------------------------------------------------------------------------
+// A positive float's bit pattern, which orders like the value; 0 for the rest.
+inline int32_t PositiveBits(float a) {
+  int32_t b;
+  std::memcpy(&b, &a, 4);
+  return a > 0.0f ? b : 0;  // non-positive and NaN entries: 0, never selected
+}
+
 // topk_rows. A key orders entries like lax.top_k: larger value first, then lower latent id first.
 inline uint64_t Key(uint32_t bits, int64_t f) { return ((uint64_t)bits << 32) | (uint32_t)(0xFFFFFFFFu - f); }
 
@@ -577,13 +586,16 @@ struct TopkScratch {
   explicit TopkScratch(int64_t F) : bits(F), block_max(2 * F), cand(F) {}
 };
 
-// One row, in two vectorised passes. Pass 1 maps entries to their bit patterns (positive floats order as
-// their int32 patterns; masked-out and non-positive entries become 0) and takes the maximum of each block
-// of `blk` entries. The k-th largest block maximum t is a lower bound of the k-th largest entry (the k
-// largest maxima are k distinct entries), and a tight one when blocks outnumber k several times. Pass 2
-// keeps the entries >= t (about k of them), and an nth_element on (value, -latent) keys picks the k best.
-void TopkRow(const float* __restrict a, const uint8_t* __restrict mask, int64_t F, int64_t k, int64_t size,
-             TopkScratch& sc, int32_t* __restrict out) {
+// Blocks of one row's pass 1: entries per block, full blocks, all blocks (the tail entries are blocks of
+// their own).
+struct RowBlocks {
+  int64_t blk, n_full, nb;
+};
+
+// Pass 1 of TopkRow: fills sc.bits and sc.block_max and returns t, the k-th largest block maximum (1 when
+// there are at most k blocks: every positive entry may be among the k largest).
+int32_t KthBlockMax(const float* __restrict a, const uint8_t* __restrict mask, int64_t F, int64_t k, TopkScratch& sc,
+                    RowBlocks& rb) {
   int64_t blk = 16;  // entries per block, a multiple of 8 or 1
   while (blk > 1 && F / blk < 4 * k) blk = blk == 16 ? 8 : 1;
   int32_t* __restrict m = sc.bits.data();
@@ -603,19 +615,32 @@ void TopkRow(const float* __restrict a, const uint8_t* __restrict mask, int64_t 
       for (int q = 1; q < 8; ++q) r = std::max(r, mx[q]);
       bmax[nb++] = r;
     }
-  const int64_t n_full = nb;  // blocks of blk entries; the tail entries are blocks of their own
+  rb = RowBlocks{blk, nb, 0};
   for (; f < F; ++f) {
     int32_t b;
     std::memcpy(&b, a + f, 4);
     bmax[nb++] = m[f] = (a[f] > 0.0f) & (mask[f] != 0) ? b : 0;
   }
-  int32_t t = 1;  // fewer than k blocks: every positive entry is a candidate
-  if (nb > k) {
-    int32_t* sel = bmax + F;  // nth_element on a copy: the maxima still tell which blocks to visit
-    std::copy(bmax, bmax + nb, sel);
-    std::nth_element(sel, sel + (k - 1), sel + nb, std::greater<int32_t>());
-    t = std::max<int32_t>(1, sel[k - 1]);
-  }
+  rb.nb = nb;
+  if (nb <= k) return 1;
+  int32_t* sel = bmax + F;  // nth_element on a copy: the maxima still tell which blocks to visit
+  std::copy(bmax, bmax + nb, sel);
+  std::nth_element(sel, sel + (k - 1), sel + nb, std::greater<int32_t>());
+  return std::max<int32_t>(1, sel[k - 1]);
+}
+
+// One row, in two vectorised passes. Pass 1 maps entries to their bit patterns (positive floats order as
+// their int32 patterns; masked-out and non-positive entries become 0) and takes the maximum of each block
+// of `blk` entries. The k-th largest block maximum t is a lower bound of the k-th largest entry (the k
+// largest maxima are k distinct entries), and a tight one when blocks outnumber k several times. Pass 2
+// keeps the entries >= t (about k of them), and an nth_element on (value, -latent) keys picks the k best.
+void TopkRow(const float* __restrict a, const uint8_t* __restrict mask, int64_t F, int64_t k, int64_t size,
+             TopkScratch& sc, int32_t* __restrict out) {
+  RowBlocks rb;
+  const int32_t t = KthBlockMax(a, mask, F, k, sc, rb);
+  const int64_t blk = rb.blk, n_full = rb.n_full, nb = rb.nb;
+  const int32_t* __restrict m = sc.bits.data();
+  const int32_t* __restrict bmax = sc.block_max.data();
   uint64_t* __restrict cand = sc.cand.data();
   int64_t n = 0;
   for (int64_t q = 0; q < nb; ++q) {
@@ -648,13 +673,43 @@ struct RowTopk {
   const uint8_t* mask;
   int64_t F, k, size;
   std::vector<int64_t> ids;
-  bool few;
+  bool few, all;
   RowTopk(const bool* m, int64_t F_, int64_t k_, int64_t size_)
       : mask(reinterpret_cast<const uint8_t*>(m)), F(F_), k(std::clamp<int64_t>(k_, 0, std::min(size_, F_))),
         size(size_) {
     for (int64_t f = 0; f < F; ++f)
       if (mask[f]) ids.push_back(f);
     few = (int64_t)ids.size() * 16 < F;  // a few allowed latents: random reads beat a scan of the row
+    all = (int64_t)ids.size() == F;
+  }
+  // A value v with at least k allowed entries >= v (0 when fewer than k are positive; +inf when k is 0):
+  // a lower bound of the k-th largest allowed entry, for the screen. With every latent allowed and
+  // enough blocks, the k-th largest of the row's block maxima block_max [ceil(F / 16)], without reading
+  // the row.
+  float LowerBound(const float* a, const float* block_max, TopkScratch& sc) const {
+    if (k == 0) return INFINITY;
+    int32_t t = 1;
+    const int64_t nb = (F + screen::kBlock - 1) / screen::kBlock;
+    if (all && nb >= 4 * k) {
+      int32_t* v = sc.bits.data();
+      for (int64_t j = 0; j < nb; ++j) v[j] = PositiveBits(block_max[j]);
+      std::nth_element(v, v + (k - 1), v + nb, std::greater<int32_t>());
+      t = std::max<int32_t>(1, v[k - 1]);
+    } else if (few) {
+      int32_t* v = sc.bits.data();
+      int64_t n = 0;
+      for (int64_t f : ids) v[n++] = PositiveBits(a[f]);
+      if (n >= k) {
+        std::nth_element(v, v + (k - 1), v + n, std::greater<int32_t>());
+        t = std::max<int32_t>(1, v[k - 1]);
+      }
+    } else {
+      RowBlocks rb;
+      t = KthBlockMax(a, mask, F, k, sc, rb);
+    }
+    float out;
+    std::memcpy(&out, &t, 4);
+    return t > 1 ? out : 0.0f;
   }
   void Run(const float* a, TopkScratch& sc, int32_t* out) const {
     if (k == 0)
@@ -720,12 +775,255 @@ void ValuesAt(const float* a, const int32_t* ids, int64_t size, float* out) {
   for (int64_t j = 0; j < size; ++j) out[j] = ids[j] >= 0 ? a[ids[j]] : 0.0f;
 }
 
+// The blocks' vectors laid end to end (each freed as it is copied).
+template <typename T>
+std::vector<T> Concatenate(std::vector<std::vector<T>>& blocks) {
+  std::vector<T> out;
+  size_t n = 0;
+  for (const auto& v : blocks) n += v.size();
+  out.reserve(n);
+  for (auto& v : blocks) {
+    out.insert(out.end(), v.begin(), v.end());
+    std::vector<T>().swap(v);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Screened selections (bf16_screen.h). A row block is encoded approximately (x̃·w̃ + b, bfloat16 operands,
+// float32 sums), with a bound beta per row on |approx − exact|. An entry can be selected only if its
+// exact value is >= a lower bound L of the selection's threshold, so only the entries with approx >=
+// L − beta (the candidates, about k per row plus those within 2·beta of the threshold) get their exact
+// float32 value, after all blocks, by latent groups (`Refine`). Each selection then runs on the
+// candidates alone: its result is the one on exact values. When the bound is not finite (NaN or
+// infinite inputs) or the candidates would not fit, the kernel runs unscreened instead.
+enum ScreenMode : int32_t { kScreenOff = 0, kScreenAuto = 1, kScreenRequired = 2 };
+
+struct Candidate {
+  int32_t row, f;
+  float approx, v;  // v: the exact value once refined
+};
+
+// The lowest approx value a candidate may have when the selection's exact threshold is at least
+// max(lower, 0): exact values of selected entries are > 0 as well.
+inline float CandidateFloor(float lower, float beta) { return std::isinf(lower) ? lower : std::max(lower, 0.0f) - beta; }
+
+// Lanes (0 / -1) of the latents allowed by a mask, for vectorised candidate tests.
+std::vector<int32_t> MaskLanes(const bool* mask, int64_t F) {
+  std::vector<int32_t> out(F);
+  for (int64_t f = 0; f < F; ++f) out[f] = mask == nullptr || mask[f] ? -1 : 0;
+  return out;
+}
+
+// Appends the candidates of the approximate row a [F] (block maxima block_max) as (row, f), latents
+// ascending: entries >= floor_main on main's lanes, and >= floor_aux on aux's. Only the blocks whose
+// maximum reaches a floor are read; aux-k's latents, when few, are visited by id instead.
+void ScanRow(const float* a, const float* block_max, int64_t F, int32_t row, float floor_main,
+             const int32_t* lanes_main, float floor_aux, const RowTopk& aux, const int32_t* lanes_aux,
+             std::vector<Candidate>& out) {
+  const size_t first = out.size();
+  const float in_blocks = aux.few ? INFINITY : floor_aux;
+  const float visit = std::min(floor_main, in_blocks);
+  const f8 fm = Splat(floor_main), fa = Splat(in_blocks);
+  auto take = [&](int64_t f) {
+    return (a[f] >= floor_main && lanes_main[f]) || (a[f] >= in_blocks && lanes_aux[f]);
+  };
+  for (int64_t f0 = 0; f0 < F; f0 += screen::kBlock) {
+    if (!(block_max[f0 / screen::kBlock] >= visit)) continue;
+    if (f0 + screen::kBlock > F) {
+      for (int64_t f = f0; f < F; ++f)
+        if (take(f)) out.push_back({row, (int32_t)f, a[f], a[f]});
+      continue;
+    }
+    for (int64_t f = f0; f < f0 + screen::kBlock; f += 8) {
+      const f8 v = Load8(a + f);
+      const i8 m = ((i8)(v >= fm) & LoadV<i8>(lanes_main + f)) | ((i8)(v >= fa) & LoadV<i8>(lanes_aux + f));
+      if (Any(m))
+        for (int q = 0; q < 8; ++q)
+          if (m[q]) out.push_back({row, (int32_t)(f + q), v[q], v[q]});
+    }
+  }
+  if (!aux.few) return;
+  const size_t main_end = out.size();
+  for (int64_t f : aux.ids)
+    if (a[f] >= floor_aux && !(a[f] >= floor_main && lanes_main[f])) out.push_back({row, (int32_t)f, a[f], a[f]});
+  if (out.size() > main_end)
+    std::sort(out.begin() + first, out.end(), [](const Candidate& p, const Candidate& q) { return p.f < q.f; });
+}
+
+// c.v = x[c.row] · w[:, c.f] + b[c.f] in float32 for every candidate. w's columns are strided, so the
+// candidates go by latent (a counting sort), 16 latents at a time with their columns transposed once into
+// a [16, d] tile: one pass over w for the whole batch. A latent's candidates share the tile's row, four
+// dot products at a time, prefetching the next four rows of x.
+void Refine(std::vector<Candidate>& c, const float* x, const float* w, const float* b, int64_t d, int64_t F) {
+  constexpr int64_t kGroup = 16;
+  std::vector<int64_t> start(F + 1, 0);
+  for (const Candidate& e : c) ++start[e.f + 1];
+  for (int64_t f = 0; f < F; ++f) start[f + 1] += start[f];
+  std::vector<int64_t> order(c.size()), next(start.begin(), start.end() - 1);
+  for (int64_t i = 0; i < (int64_t)c.size(); ++i) order[next[c[i].f]++] = i;
+  const FpMode fp;
+#pragma omp parallel
+  {
+    FpScope scope(fp);
+    std::vector<float> tile(kGroup * d);
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t f0 = 0; f0 < F; f0 += kGroup) {
+      const int64_t n = std::min(kGroup, F - f0);
+      if (start[f0] == start[f0 + n]) continue;
+      for (int64_t i = 0; i < d; ++i)
+        for (int64_t j = 0; j < n; ++j) tile[j * d + i] = w[i * F + f0 + j];
+      const int64_t end = start[f0 + n];
+      auto row = [&](int64_t q) { return x + (int64_t)c[order[std::min(q, end - 1)]].row * d; };
+      for (int64_t f = f0; f < f0 + n; ++f) {
+        const float* t = tile.data() + (f - f0) * d;
+        int64_t q = start[f];
+        for (; q + 4 <= start[f + 1]; q += 4) {
+          const float* r[4] = {row(q), row(q + 1), row(q + 2), row(q + 3)};
+          const float* pf[4] = {row(q + 4), row(q + 5), row(q + 6), row(q + 7)};
+          float out[4];
+          Dot4(t, r, pf, d, out);
+          for (int j = 0; j < 4; ++j) c[order[q + j]].v = out[j] + b[f];
+        }
+        for (; q < start[f + 1]; ++q) c[order[q]].v = Dot1(row(q), t, d) + b[f];
+      }
+    }
+  }
+}
+
+// The top k of `sel` among one row's refined candidates c [n] (latents ascending), as RowTopk::Run and
+// ValuesAt on the exact row: ids ascending then -1 up to sel.size, and their values.
+void SelectCandidates(const Candidate* c, int64_t n, const RowTopk& sel, TopkScratch& sc, int32_t* idx, float* val) {
+  uint64_t* cand = sc.cand.data();
+  int64_t m = 0;
+  for (int64_t j = 0; j < n && sel.k > 0; ++j)
+    if (sel.mask[c[j].f] && c[j].v > 0.0f) cand[m++] = Key((uint32_t)PositiveBits(c[j].v), c[j].f);
+  if (sel.k == 0)
+    std::fill(idx, idx + sel.size, -1);
+  else
+    KeepBest(cand, m, sel.k, sel.size, idx);
+  int64_t j = 0;
+  for (int64_t q = 0; q < sel.size; ++q) {
+    if (idx[q] < 0) {
+      val[q] = 0.0f;
+      continue;
+    }
+    while (c[j].f != idx[q]) ++j;
+    val[q] = c[j].v;
+  }
+}
+
+// Runs fn(r, candidates of row r, their count) for every row in parallel; c is row-major.
+template <typename Fn>
+void ForCandidateRows(const std::vector<Candidate>& c, int64_t R, Fn fn) {
+  std::vector<int64_t> start(R + 1, 0);
+  for (const Candidate& e : c) ++start[e.row + 1];
+  for (int64_t r = 0; r < R; ++r) start[r + 1] += start[r];
+  const FpMode fp;
+#pragma omp parallel
+  {
+    FpScope scope(fp);
+    const int t = omp_get_thread_num();
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r) fn(t, r, c.data() + start[r], start[r + 1] - start[r]);
+  }
+}
+
+// The screen's weights and bias bound, or nothing (JAXSAE_SCREEN off, or w or b not finite).
+struct ScreenSetup {
+  screen::Weights w;
+  float b_max = 0;
+  bool ok = false;
+};
+
+ScreenSetup SetUpScreen(const float* w, const float* b, int64_t d, int64_t F, int32_t mode) {
+  ScreenSetup s;
+  if (!JAXSAE_SCREEN || mode == kScreenOff || d == 0 || F == 0) return s;
+  bool b_finite = true;  // max() would drop a NaN
+  for (int64_t f = 0; f < F; ++f) {
+    b_finite = b_finite && std::isfinite(b[f]);
+    s.b_max = std::max(s.b_max, std::fabs(b[f]));
+  }
+  s.w = screen::Pack(w, d, F);
+  s.ok = b_finite && std::isfinite(s.w.norm) && std::isfinite(s.w.rounded_norm) &&
+         std::isfinite(s.w.error_norm);
+  return s;
+}
+
+// Encodes the rows [r0, r0 + n) approximately into buf [n, F], with their bounds (rows.beta [n]) and
+// block maxima block_max [n][ceil(F / 16)]. False when a bound is not finite.
+bool ApproxBlock(const ScreenSetup& s, const float* x, const float* b, int64_t r0, int64_t n, screen::Rows& rows,
+                 float* buf, float* block_max) {
+#if JAXSAE_SCREEN
+  screen::Round(x + r0 * s.w.d, n, s.w, s.b_max, rows);
+  for (int64_t r = 0; r < n; ++r)
+    if (!std::isfinite(rows.beta[r])) return false;
+  screen::Approx(rows, n, s.w, b, buf, block_max);
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Success, or, when the caller required the screen (tests) and the kernel ran without it, an error
+// (encode_topk: selected without it; encode_batchtopk: ran no screened pass).
+ffi::Error ScreenResult(const char* name, int32_t mode, bool screened) {
+  if (mode == kScreenRequired && !screened)
+    return ffi::Error::Internal(std::string(name) + ": screen=2 (required), but the kernel ran unscreened");
+  return ffi::Error::Success();
+}
+
+// encode_topk with the screen; false (nothing written) when it cannot be used.
+bool EncodeTopkScreened(const float* x, const float* w, const float* b, int64_t R, int64_t d, int64_t F,
+                        const RowTopk& main, const RowTopk& aux, int32_t mode, int32_t* idx, float* val,
+                        int32_t* aux_idx, float* aux_val) {
+  const ScreenSetup s = SetUpScreen(w, b, d, F, mode);
+  if (!s.ok) return false;
+  const std::vector<int32_t> lanes_main = MaskLanes(reinterpret_cast<const bool*>(main.mask), F),
+                             lanes_aux = MaskLanes(reinterpret_cast<const bool*>(aux.mask), F);
+  const int64_t blk = EncodeBlockRows(F), nb = (R + blk - 1) / blk;
+  const int64_t cap = (4 * (main.k + aux.k) + 64) * R;  // candidates beyond: screening does not pay
+  std::vector<std::vector<Candidate>> blocks(nb);
+  std::vector<TopkScratch> scratch;
+  for (int u = 0; u < omp_get_max_threads(); ++u) scratch.emplace_back(F);
+  const int64_t n_blocks = (F + screen::kBlock - 1) / screen::kBlock;
+  std::vector<std::vector<float>> block_max(omp_get_max_threads(), std::vector<float>(blk * n_blocks));
+  std::atomic<int64_t> found{0};
+  std::atomic<bool> failed{false};
+  ForRowBlocks(R, F, true, [&](int64_t r0, int64_t n, float* buf) {
+    screen::Rows rows;
+    float* bm = block_max[omp_get_thread_num()].data();
+    if (failed.load() || !ApproxBlock(s, x, b, r0, n, rows, buf, bm)) {
+      failed = true;
+      return;
+    }
+    TopkScratch& sc = scratch[omp_get_thread_num()];
+    std::vector<Candidate>& out = blocks[r0 / blk];
+    for (int64_t r = 0; r < n; ++r) {
+      const float *a = buf + r * F, *m = bm + r * n_blocks;
+      const float beta = rows.beta[r];
+      ScanRow(a, m, F, (int32_t)(r0 + r), CandidateFloor(main.LowerBound(a, m, sc) - beta, beta),
+              lanes_main.data(), CandidateFloor(aux.LowerBound(a, m, sc) - beta, beta), aux, lanes_aux.data(), out);
+    }
+    if ((found += (int64_t)out.size()) > cap) failed = true;
+  });
+  if (failed.load()) return false;
+  std::vector<Candidate> c = Concatenate(blocks);
+  Refine(c, x, w, b, d, F);
+  ForCandidateRows(c, R, [&](int t, int64_t r, const Candidate* rc, int64_t n) {
+    SelectCandidates(rc, n, main, scratch[t], idx + r * main.size, val + r * main.size);
+    SelectCandidates(rc, n, aux, scratch[t], aux_idx + r * aux.size, aux_val + r * aux.size);
+  });
+  return true;
+}
+
 // Per row of pre = x·w + b: the top k under `mask` (ids ascending, their values), and the top k_aux under
-// `mask_aux`.
-void EncodeTopk(const float* x, const float* w, const float* b, int64_t R, int64_t d, int64_t F, const bool* mask,
-                int64_t k, int64_t size, const bool* mask_aux, int64_t k_aux, int64_t size_aux, int32_t* idx,
-                float* val, int32_t* aux_idx, float* aux_val) {
+// `mask_aux`. Returns whether the screen was used.
+bool EncodeTopk(const float* x, const float* w, const float* b, int64_t R, int64_t d, int64_t F, const bool* mask,
+                int64_t k, int64_t size, const bool* mask_aux, int64_t k_aux, int64_t size_aux, int32_t mode,
+                int32_t* idx, float* val, int32_t* aux_idx, float* aux_val) {
   const RowTopk main(mask, F, k, size), aux(mask_aux, F, k_aux, size_aux);
+  if (EncodeTopkScreened(x, w, b, R, d, F, main, aux, mode, idx, val, aux_idx, aux_val)) return true;
   std::vector<TopkScratch> scratch;
   for (int u = 0; u < omp_get_max_threads(); ++u) scratch.emplace_back(F);
   ForRowBlocks(R, F, true, [&](int64_t r0, int64_t n, float* buf) {
@@ -739,6 +1037,7 @@ void EncodeTopk(const float* x, const float* w, const float* b, int64_t R, int64
       ValuesAt(a, aux_idx + r * size_aux, size_aux, aux_val + r * size_aux);
     }
   });
+  return false;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -749,16 +1048,21 @@ constexpr int64_t kBins = 65536;
 constexpr int64_t kBlock = 64;
 
 // Adds the entries acts[i0 : i1] to h by their high 16 bits (non-positive entries to bins >= 0x8000).
+inline uint32_t Level0Key(float a) {
+  uint32_t b;
+  std::memcpy(&b, &a, 4);
+  return (b >> 16) | (a > 0.0f ? 0u : 0x8000u);
+}
+
 void HistogramLevel0(const float* acts, int64_t i0, int64_t i1, int32_t* h) {
-  const uint32_t* bits = reinterpret_cast<const uint32_t*>(acts);
   uint32_t key[kBlock];
   int64_t i = i0;
   for (; i + kBlock <= i1; i += kBlock) {
 #pragma omp simd
-    for (int x = 0; x < kBlock; ++x) key[x] = (bits[i + x] >> 16) | (acts[i + x] > 0.0f ? 0u : 0x8000u);
+    for (int x = 0; x < kBlock; ++x) key[x] = Level0Key(acts[i + x]);
     for (int x = 0; x < kBlock; ++x) ++h[key[x]];
   }
-  for (; i < i1; ++i) ++h[(bits[i] >> 16) | (acts[i] > 0.0f ? 0u : 0x8000u)];
+  for (; i < i1; ++i) ++h[Level0Key(acts[i])];
 }
 
 // Adds the positive entries acts[i0 : i1] whose high 16 bits equal `prefix` to h by their low 16 bits.
@@ -925,12 +1229,6 @@ struct PoolEntry {
   int32_t row, f, bits;  // bits: the value's float32 pattern (positive: ordered like the value)
 };
 
-inline int32_t PositiveBits(float a) {
-  int32_t b;
-  std::memcpy(&b, &a, 4);
-  return a > 0.0f ? b : 0;  // non-positive and NaN entries: 0, never pooled
-}
-
 // Appends the entries of buf [n, F] (rows r0 + ...) with bits >= lo to out in row-major order, keeping at
 // most `max_eq` (when >= 0) equal to lo; false (out partial) once out would exceed `room` entries.
 bool CollectAbove(const float* buf, int64_t r0, int64_t n, int64_t F, int32_t lo, int64_t max_eq, int64_t room,
@@ -1035,23 +1333,145 @@ void ForEncodedBlocks(const float* x, const float* w, const float* b, int64_t R,
   });
 }
 
-std::vector<PoolEntry> Concatenate(std::vector<std::vector<PoolEntry>>& blocks) {
-  std::vector<PoolEntry> out;
-  size_t n = 0;
-  for (const auto& v : blocks) n += v.size();
-  out.reserve(n);
-  for (auto& v : blocks) {
-    out.insert(out.end(), v.begin(), v.end());
-    std::vector<PoolEntry>().swap(v);
+// The guess of pass 1: the level-0 bin above which the `rows` sampled rows (histograms priv [nt, kBins])
+// hold `margin` times their share of kb, as the bits of the bin's lowest value (1 if none).
+int32_t GuessThreshold(const std::vector<int32_t>& priv, int nt, int64_t rows, int64_t R, int64_t kb,
+                       int64_t margin = kPoolMargin) {
+  const std::vector<int64_t> sample = SumHistograms(priv, nt, kBins / 2);
+  const int64_t want = std::max<int64_t>(1, (margin * kb * rows + R - 1) / R);
+  int64_t above;
+  const int64_t g = TopBin(sample.data(), want, above);
+  return g > 0 ? (int32_t)(g << 16) : 1;
+}
+
+// The threshold from a pool that holds every entry of level-0 bin hi and above (above_hi: the count of
+// those above bin hi): level 1 of bin hi, from the pool.
+Threshold ThresholdFromPool(const std::vector<PoolEntry>& pool, int64_t hi, int64_t above_hi, int64_t kb) {
+  std::vector<int64_t> low(kBins, 0);
+  for (const PoolEntry& e : pool)
+    if ((e.bits >> 16) == hi) ++low[e.bits & 0xFFFF];
+  int64_t above_lo = 0;
+  const int64_t lo = TopBin(low.data(), kb - above_hi, above_lo);
+  return Threshold{(int32_t)((hi << 16) | lo), kb - above_hi - above_lo};
+}
+
+// The codes: the pool's entries above th and the first th.need equal to it; smallest = th's bits.
+void EmitSelection(const std::vector<PoolEntry>& pool, Threshold th, int64_t R, const EllOut& o, float* smallest) {
+  int64_t n_eq = 0;
+  EmitCodes(pool, [&](const PoolEntry& e) { return e.bits > th.bits || (e.bits == th.bits && n_eq++ < th.need); },
+            R, o);
+  std::memcpy(smallest, &th.bits, 4);
+}
+
+// encode_batchtopk with the screen, in one pass: a guess of the threshold from each thread's first block
+// (the level-0 histogram of its approximate values), then per block the candidates for the pool (approx
+// >= guess − beta) and for aux-k, all refined at the end. The pool is every entry >= guess; when it holds
+// at least kb of them, the threshold is among them (the level-0 and level-1 histograms of the pool
+// alone), and no histogram of the whole batch is needed. The guess asks for kScreenMargin times the
+// sample's share of kb (each extra candidate costs a dot product). Returns 1 when it selected (th, and
+// pool row-major; aux-k written); 0 when the screen cannot be used; -1 when it ran but the candidates
+// would not fit or the guess was above the threshold: then the unscreened passes run.
+constexpr int64_t kScreenMargin = 2;
+
+int ScreenedBatchPass(const float* x, const float* w, const float* b, int64_t R, int64_t d, int64_t F, int64_t kb,
+                      const RowTopk& aux, int32_t mode, int32_t* aux_idx, float* aux_val,
+                      std::vector<PoolEntry>& pool, Threshold& th) {
+  const ScreenSetup s = SetUpScreen(w, b, d, F, mode);
+  if (!s.ok || kb <= 0) return 0;
+  const std::vector<int32_t> lanes_all = MaskLanes(nullptr, F),
+                             lanes_aux = MaskLanes(reinterpret_cast<const bool*>(aux.mask), F);
+  const int64_t blk = EncodeBlockRows(F), nb = (R + blk - 1) / blk, n_blocks = (F + screen::kBlock - 1) / screen::kBlock;
+  const int64_t cap = kPoolRoom * kb + (2 * aux.k + 64) * R;
+  const int nt_max = omp_get_max_threads();
+  std::vector<int32_t> priv((int64_t)nt_max * kBins, 0);
+  std::vector<TopkScratch> scratch;
+  for (int u = 0; u < nt_max; ++u) scratch.emplace_back(F);
+  std::vector<std::vector<Candidate>> blocks(nb);
+  std::vector<float> aux_floor(R);
+  std::atomic<int64_t> found{0};
+  std::atomic<bool> failed{false};
+  int32_t guess = 1;
+  const FpMode fp;
+#pragma omp parallel
+  {
+    FpScope scope(fp);
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    std::vector<float> buf(blk * F), block_max(blk * n_blocks);
+    screen::Rows rows;
+    auto encode = [&](int64_t q) {
+      const int64_t r0 = q * blk, n = std::min(blk, R - r0);
+      if (failed.load() || !ApproxBlock(s, x, b, r0, n, rows, buf.data(), block_max.data())) {
+        failed = true;
+        return;
+      }
+      for (int64_t r = 0; r < n; ++r) {
+        const float lower = aux.LowerBound(buf.data() + r * F, block_max.data() + r * n_blocks, scratch[t]);
+        aux_floor[r0 + r] = CandidateFloor(lower - rows.beta[r], rows.beta[r]);
+      }
+    };
+    auto collect = [&](int64_t q) {
+      const int64_t r0 = q * blk, n = std::min(blk, R - r0);
+      if (failed.load()) return;
+      float g;
+      std::memcpy(&g, &guess, 4);
+      for (int64_t r = 0; r < n; ++r)
+        ScanRow(buf.data() + r * F, block_max.data() + r * n_blocks, F, (int32_t)(r0 + r), g - rows.beta[r],
+                lanes_all.data(), aux_floor[r0 + r], aux, lanes_aux.data(), blocks[q]);
+      if ((found += (int64_t)blocks[q].size()) > cap) failed = true;
+    };
+    const int64_t first = std::min<int64_t>(nt, nb);
+    if (t < first) {
+      encode(t);
+      if (!failed.load()) HistogramLevel0(buf.data(), 0, std::min(blk, R - t * blk) * F, priv.data() + (int64_t)t * kBins);
+    }
+#pragma omp barrier
+#pragma omp single
+    guess = GuessThreshold(priv, nt, std::min(R, first * blk), R, kb, kScreenMargin);
+    if (t < first) collect(t);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t q = first; q < nb; ++q) {
+      encode(q);
+      collect(q);
+    }
   }
-  return out;
+  if (failed.load()) return -1;
+  std::vector<Candidate> c = Concatenate(blocks);
+  Refine(c, x, w, b, d, F);
+  pool.clear();
+  std::vector<int64_t> hist(kBins, 0);
+  for (const Candidate& e : c)
+    if (PositiveBits(e.v) >= guess) {
+      pool.push_back({e.row, e.f, PositiveBits(e.v)});
+      ++hist[Level0Key(e.v)];
+    }
+  int64_t above_hi = 0;
+  const int64_t hi = TopBin(hist.data(), kb, above_hi);
+  if (hi < 0 && guess > 1) return -1;  // fewer than kb >= guess, and maybe some below it
+  th = hi >= 0 ? ThresholdFromPool(pool, hi, above_hi, kb) : Threshold{0, 0};  // else: every positive entry
+  ForCandidateRows(c, R, [&](int t, int64_t r, const Candidate* rc, int64_t n) {
+    SelectCandidates(rc, n, aux, scratch[t], aux_idx + r * aux.size, aux_val + r * aux.size);
+  });
+  return 1;
 }
 
 // Returns the number of encoder passes run (1 when the guess held).
+// `screened`: whether a screened pass ran (it selected if the passes are 1).
 int32_t EncodeBatchTopk(const float* x, const float* w, const float* b, int64_t R, int64_t d, int64_t F, int64_t kb,
                         const bool* mask_aux, int64_t k_aux, const EllOut& o, int32_t* aux_idx, float* aux_val,
-                        int64_t size_aux, float* smallest) {
+                        int64_t size_aux, float* smallest, int32_t mode, bool& screened) {
   const RowTopk aux(mask_aux, F, k_aux, size_aux);
+  int32_t passes = 1;
+  {
+    std::vector<PoolEntry> pool;
+    Threshold th{0, 0};
+    const int tried = ScreenedBatchPass(x, w, b, R, d, F, kb, aux, mode, aux_idx, aux_val, pool, th);
+    screened = tried != 0;
+    if (tried == 1) {
+      EmitSelection(pool, th, R, o, smallest);
+      return passes;
+    }
+    passes += tried < 0;
+  }
   const int64_t blk = EncodeBlockRows(F), nb = (R + blk - 1) / blk, cap = std::max<int64_t>(kPoolRoom * kb, 1024);
   const int nt_max = omp_get_max_threads();
   std::vector<int32_t> priv((int64_t)nt_max * kBins, 0);
@@ -1092,14 +1512,7 @@ int32_t EncodeBatchTopk(const float* x, const float* w, const float* b, int64_t 
     if (t < first) encode(t);
 #pragma omp barrier
 #pragma omp single
-    {
-      const std::vector<int64_t> sample = SumHistograms(priv, nt, kBins / 2);
-      const int64_t rows = std::min(R, first * blk);
-      const int64_t want = std::max<int64_t>(1, (kPoolMargin * kb * rows + R - 1) / R);
-      int64_t above;
-      const int64_t g = TopBin(sample.data(), want, above);
-      guess = g > 0 ? (int32_t)(g << 16) : 1;
-    }
+    guess = GuessThreshold(priv, nt, std::min(R, first * blk), R, kb);
     if (t < first) collect(t);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t q = first; q < nb; ++q) {
@@ -1112,7 +1525,6 @@ int32_t EncodeBatchTopk(const float* x, const float* w, const float* b, int64_t 
   const int64_t hi = kb > 0 ? TopBin(hist.data(), kb, above_hi) : kBins - 1;
   const bool enough = kb > 0 && hi >= 0;
   const int32_t lo_needed = enough ? (int32_t)(hi << 16) : 1;  // every entry the selection may take
-  int32_t passes = 1;
   bool exact = false;  // the pool's ties already trimmed (the third pass)
   Threshold th{0, 0};
   if (kb <= 0) {
@@ -1124,7 +1536,7 @@ int32_t EncodeBatchTopk(const float* x, const float* w, const float* b, int64_t 
       ForEncodedBlocks(x, w, b, R, d, F, [&](int64_t q, int64_t r0, int64_t n, float* buf) {
         CollectAbove(buf, r0, n, F, lo_needed, -1, ge_hi + 1, blocks[q]);
       });
-      passes = 2;
+      passes += 1;
     } else {  // the level-1 histogram of bin hi, then the selection with its ties trimmed per block
       std::fill(priv.begin(), priv.end(), 0);
       ForEncodedBlocks(x, w, b, R, d, F, [&](int64_t, int64_t, int64_t n, float* buf) {
@@ -1137,23 +1549,13 @@ int32_t EncodeBatchTopk(const float* x, const float* w, const float* b, int64_t 
       ForEncodedBlocks(x, w, b, R, d, F, [&](int64_t q, int64_t r0, int64_t n, float* buf) {
         CollectAbove(buf, r0, n, F, th.bits, th.need, kb + th.need + 1, blocks[q]);
       });
-      passes = 3;
+      passes += 2;
       exact = true;
     }
   }
   const std::vector<PoolEntry> pool = Concatenate(blocks);
-  if (enough && !exact) {  // level 1 from the pool, which holds all of bin hi
-    std::vector<int64_t> low(kBins, 0);
-    for (const PoolEntry& e : pool)
-      if ((e.bits >> 16) == hi) ++low[e.bits & 0xFFFF];
-    int64_t above_lo = 0;
-    const int64_t lo = TopBin(low.data(), kb - above_hi, above_lo);
-    th = Threshold{(int32_t)((hi << 16) | lo), kb - above_hi - above_lo};
-  }
-  int64_t n_eq = 0;
-  EmitCodes(pool, [&](const PoolEntry& e) { return e.bits > th.bits || (e.bits == th.bits && n_eq++ < th.need); },
-            R, o);
-  std::memcpy(smallest, &th.bits, 4);
+  if (enough && !exact) th = ThresholdFromPool(pool, hi, above_hi, kb);
+  EmitSelection(pool, th, R, o, smallest);
   return passes;
 }
 
@@ -1256,15 +1658,17 @@ ffi::Error EncodeTopkFfi(ffi::Buffer<ffi::F32, 2> x, ffi::Buffer<ffi::F32, 2> w,
                          ffi::Buffer<ffi::PRED, 1> mask, ffi::BufferR0<ffi::S32> k, ffi::Buffer<ffi::PRED, 1> mask_aux,
                          ffi::BufferR0<ffi::S32> k_aux, ffi::ResultBuffer<ffi::S32, 2> idx,
                          ffi::ResultBuffer<ffi::F32, 2> val, ffi::ResultBuffer<ffi::S32, 2> aux_idx,
-                         ffi::ResultBuffer<ffi::F32, 2> aux_val) {
+                         ffi::ResultBuffer<ffi::F32, 2> aux_val, int32_t screen) {
   const auto xd = x.dimensions(), wd = w.dimensions();
   const int64_t F = wd[1];
   if (xd[1] != wd[0] || b.dimensions()[0] != F || mask.dimensions()[0] != F || mask_aux.dimensions()[0] != F)
     return ffi::Error::InvalidArgument("encode_topk: x [R, d], w [d, F], b, mask and mask_aux [F] disagree");
-  EncodeTopk(x.typed_data(), w.typed_data(), b.typed_data(), xd[0], xd[1], F, mask.typed_data(), k.typed_data()[0],
-             idx->dimensions()[1], mask_aux.typed_data(), k_aux.typed_data()[0], aux_idx->dimensions()[1],
-             idx->typed_data(), val->typed_data(), aux_idx->typed_data(), aux_val->typed_data());
-  return ffi::Error::Success();
+  const bool screened =
+      EncodeTopk(x.typed_data(), w.typed_data(), b.typed_data(), xd[0], xd[1], F, mask.typed_data(),
+                 k.typed_data()[0], idx->dimensions()[1], mask_aux.typed_data(), k_aux.typed_data()[0],
+                 aux_idx->dimensions()[1], screen, idx->typed_data(), val->typed_data(), aux_idx->typed_data(),
+                 aux_val->typed_data());
+  return ScreenResult("encode_topk", screen, screened);
 }
 
 ffi::Error EncodeBatchTopkFfi(ffi::Buffer<ffi::F32, 2> x, ffi::Buffer<ffi::F32, 2> w, ffi::Buffer<ffi::F32, 1> b,
@@ -1272,18 +1676,20 @@ ffi::Error EncodeBatchTopkFfi(ffi::Buffer<ffi::F32, 2> x, ffi::Buffer<ffi::F32, 
                               ffi::BufferR0<ffi::S32> k_aux, ffi::ResultBuffer<ffi::S32, 1> row,
                               ffi::ResultBuffer<ffi::S32, 2> idx, ffi::ResultBuffer<ffi::F32, 2> val,
                               ffi::ResultBuffer<ffi::S32, 2> aux_idx, ffi::ResultBuffer<ffi::F32, 2> aux_val,
-                              ffi::ResultBufferR0<ffi::F32> smallest, ffi::ResultBufferR0<ffi::S32> passes) {
+                              ffi::ResultBufferR0<ffi::F32> smallest, ffi::ResultBufferR0<ffi::S32> passes,
+                              int32_t screen) {
   const auto xd = x.dimensions(), wd = w.dimensions(), id = idx->dimensions(), ad = aux_idx->dimensions();
   const int64_t R = xd[0], F = wd[1];
   if (xd[1] != wd[0] || b.dimensions()[0] != F || mask_aux.dimensions()[0] != F || row->dimensions()[0] != id[0] ||
       ad[0] != R || id[1] < 1)
     return ffi::Error::InvalidArgument("encode_batchtopk: x [R, d], w [d, F], b, mask_aux [F], codes disagree");
   const EllOut o{row->typed_data(), idx->typed_data(), val->typed_data(), id[0], id[1]};
+  bool screened = false;
   passes->typed_data()[0] = EncodeBatchTopk(x.typed_data(), w.typed_data(), b.typed_data(), R, xd[1], F,
                                             kb.typed_data()[0], mask_aux.typed_data(), k_aux.typed_data()[0], o,
                                             aux_idx->typed_data(), aux_val->typed_data(), ad[1],
-                                            smallest->typed_data());
-  return ffi::Error::Success();
+                                            smallest->typed_data(), screen, screened);
+  return ScreenResult("encode_batchtopk", screen, screened);
 }
 
 ffi::Error EncodeAboveFfi(ffi::Buffer<ffi::F32, 2> x, ffi::Buffer<ffi::F32, 2> w, ffi::Buffer<ffi::F32, 1> b,
@@ -1495,6 +1901,9 @@ using BoolVec = ffi::Buffer<ffi::PRED, 1>;
 
 extern "C" void jaxsae_set_tile(int64_t tile) { g_tile = tile > 0 ? tile : 1 << 30; }
 
+// 1 when the library was built with the bfloat16 screen (the CPU has AVX512-BF16).
+extern "C" int32_t jaxsae_can_screen() { return JAXSAE_SCREEN; }
+
 // gather_sum, gather_dot, scatter_rows, scatter_cols: (row, idx, a float matrix, another) -> a float matrix.
 auto SparseProductBinding() {
   return ffi::Ffi::Bind().Arg<I32Vec>().Arg<I32Mat>().Arg<F32Mat>().Arg<F32Mat>().Ret<F32Mat>();
@@ -1537,7 +1946,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeEncodeTopk, EncodeTopkFfi,
                                   .Ret<I32Mat>()
                                   .Ret<F32Mat>()
                                   .Ret<I32Mat>()
-                                  .Ret<F32Mat>());
+                                  .Ret<F32Mat>()
+                                  .Attr<int32_t>("screen"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeEncodeBatchTopk, EncodeBatchTopkFfi,
                               ffi::Ffi::Bind()
@@ -1553,7 +1963,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeEncodeBatchTopk, EncodeBatchTopkFfi,
                                   .Ret<I32Mat>()
                                   .Ret<F32Mat>()
                                   .Ret<ffi::BufferR0<ffi::F32>>()
-                                  .Ret<ffi::BufferR0<ffi::S32>>());
+                                  .Ret<ffi::BufferR0<ffi::S32>>()
+                                  .Attr<int32_t>("screen"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeEncodeAbove, EncodeAboveFfi,
                               ffi::Ffi::Bind()

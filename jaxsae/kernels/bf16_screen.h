@@ -1,0 +1,192 @@
+// The encoder's screen (included by cpu_kernels.cc): pre ≈ x̃·w̃ + b with x and w rounded to bfloat16 and
+// the products summed in float32 by AVX512-BF16 (vdpbf16ps: twice the multiply-adds of a float32 FMA per
+// instruction; measured here at 2.2-2.4x OpenBLAS's sgemm at d 768, F 6144-24576), and a bound per row
+// on |approx − exact|. The selections then need the float32 values of only the entries that the bound
+// cannot rule out (see "Screened selections" in cpu_kernels.cc), so their results are float32's.
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define JAXSAE_SCREEN 1
+#else
+#define JAXSAE_SCREEN 0
+#endif
+
+namespace screen {
+
+constexpr int64_t kRows = 8;            // micro-tile: 8 rows × kCols latents in 24 accumulators
+constexpr int64_t kVecs = 3;            // 16-float vectors per micro-tile row
+constexpr int64_t kCols = 16 * kVecs;   // latents per panel of the packed weights
+
+// Round to nearest even (NaN stays NaN; huge values round to infinity, which the bound then reports).
+inline uint16_t ToBf16(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+inline float FromBf16(uint16_t h) {
+  const uint32_t u = (uint32_t)h << 16;
+  float v;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+
+// w [d, F] row-major in bfloat16, as panels [panels][pairs][kCols][2]: latent c of a panel holds
+// (w[2p, c], w[2p + 1, c]) at pair p (vdpbf16ps's operand layout; zero past d and F), and the largest
+// column norms of w, w̃ and w − w̃, which bound the screen's error (norm NaN when w is not finite).
+struct Weights {
+  int64_t d = 0, F = 0, pairs = 0, panels = 0;
+  std::vector<uint16_t> w;
+  float norm = 0, rounded_norm = 0, error_norm = 0;
+};
+
+inline Weights Pack(const float* w, int64_t d, int64_t F) {
+  Weights p;
+  p.d = d;
+  p.F = F;
+  p.pairs = (d + 1) / 2;
+  p.panels = (F + kCols - 1) / kCols;
+  p.w.assign(p.panels * p.pairs * kCols * 2, 0);
+  double norm = 0, rounded = 0, error = 0;
+  bool finite = true;  // max() would drop a NaN column norm
+#pragma omp parallel for schedule(static) reduction(max : norm, rounded, error) reduction(&& : finite)
+  for (int64_t q = 0; q < p.panels; ++q) {
+    const int64_t f0 = q * kCols, nc = std::min(kCols, F - f0);
+    double s[kCols] = {}, sr[kCols] = {}, se[kCols] = {};
+    for (int64_t i = 0; i < d; ++i) {
+      uint16_t* o = p.w.data() + ((q * p.pairs + i / 2) * kCols) * 2 + (i & 1);
+      const float* wi = w + i * F + f0;
+      for (int64_t c = 0; c < nc; ++c) {
+        const uint16_t h = ToBf16(wi[c]);
+        const double v = wi[c], r = FromBf16(h);
+        o[2 * c] = h;
+        s[c] += v * v;
+        sr[c] += r * r;
+        se[c] += (v - r) * (v - r);
+      }
+    }
+    for (int64_t c = 0; c < nc; ++c) {
+      finite = finite && std::isfinite(s[c]) && std::isfinite(sr[c]) && std::isfinite(se[c]);
+      norm = std::max(norm, s[c]);
+      rounded = std::max(rounded, sr[c]);
+      error = std::max(error, se[c]);
+    }
+  }
+  p.norm = finite ? (float)std::sqrt(norm) : NAN;
+  p.rounded_norm = (float)std::sqrt(rounded);
+  p.error_norm = (float)std::sqrt(error);
+  return p;
+}
+
+// Rows of x in bfloat16 pairs (as the weights' pairs), padded with zero rows to a multiple of kRows, and
+// per row the bound beta on |approx − exact| of every entry, where exact is any float32 sum of
+// x[r]·w[:, f] + b[f] (|error| <= γ‖x‖‖w‖ plus the bias's rounding): the rounding term ‖x − x̃‖‖w‖ +
+// ‖x̃‖‖w − w̃‖ (Cauchy-Schwarz), both sums' float32 accumulation (γ = (d + 2)·2⁻²⁴ of ‖x̃‖‖w̃‖ and
+// ‖x‖‖w‖), both bias additions and flushed denormals, with 1% to spare for the bound's own rounding.
+// A row with a NaN or infinite bound cannot be screened.
+struct Rows {
+  std::vector<uint32_t> x;  // [rows rounded up to kRows][pairs]
+  std::vector<float> beta;  // [rows]
+};
+
+inline void Round(const float* x, int64_t n, const Weights& p, float b_max, Rows& out) {
+  const int64_t padded = (n + kRows - 1) / kRows * kRows, d = p.d;
+  out.x.assign(padded * p.pairs, 0);
+  out.beta.resize(n);
+  const double gamma = (double)(d + 2) * std::ldexp(1.0, -24);
+  for (int64_t r = 0; r < n; ++r) {
+    const float* xr = x + r * d;
+    double s = 0, sr = 0, se = 0;
+    for (int64_t i = 0; i < d; ++i) {
+      const uint16_t h = ToBf16(xr[i]);
+      const double v = xr[i], q = FromBf16(h);
+      out.x[r * p.pairs + i / 2] |= (uint32_t)h << (16 * (i & 1));
+      s += v * v;
+      sr += q * q;
+      se += (v - q) * (v - q);
+    }
+    const double xn = std::sqrt(s), xrn = std::sqrt(sr), xen = std::sqrt(se);
+    const double rounding = xen * p.norm + xrn * p.error_norm;
+    const double summing = gamma * (xrn * p.rounded_norm + xn * p.norm);
+    const double bias = std::ldexp(1.0, -22) * (xn * p.norm + xrn * p.rounded_norm + b_max);
+    out.beta[r] = (float)(1.01 * (rounding + summing + bias) + 1e-30 * (double)d);
+  }
+}
+
+#if JAXSAE_SCREEN
+// c[0:8, 0:kCols] (row stride ldc) = a[0:8] (bf16 pairs, row stride pairs) · one panel, + b[0:kCols].
+inline void MicroTile(const uint32_t* a, int64_t pairs, const uint16_t* panel, const float* b, float* c,
+                      int64_t ldc) {
+  __m512 acc[kRows][kVecs];
+  for (int i = 0; i < kRows; ++i)
+    for (int j = 0; j < kVecs; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512bh w[kVecs];
+    for (int j = 0; j < kVecs; ++j) w[j] = (__m512bh)_mm512_loadu_si512(panel + (p * kCols + 16 * j) * 2);
+    for (int i = 0; i < kRows; ++i) {
+      const __m512bh xi = (__m512bh)_mm512_set1_epi32((int)a[i * pairs + p]);
+      for (int j = 0; j < kVecs; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xi, w[j]);
+    }
+  }
+  for (int i = 0; i < kRows; ++i)
+    for (int j = 0; j < kVecs; ++j)
+      _mm512_storeu_ps(c + i * ldc + 16 * j, _mm512_add_ps(acc[i][j], _mm512_loadu_ps(b + 16 * j)));
+}
+
+constexpr int64_t kBlock = 16;  // latents per block maximum
+
+// The maximum of each block of kBlock latents of the tile rows c [rows, cols] (stride ldc), into
+// block_max [rows][F / kBlock rounded up] from block b0 on, while the tile is in L1.
+inline void BlockMaxima(const float* c, int64_t ldc, int64_t rows, int64_t cols, int64_t b0, int64_t n_blocks,
+                        float* block_max) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j * kBlock < cols; ++j) {
+      const float* v = c + i * ldc + j * kBlock;
+      float m = v[0];
+      for (int64_t q = 1; q < std::min(kBlock, cols - j * kBlock); ++q) m = std::max(m, v[q]);
+      block_max[i * n_blocks + b0 + j] = m;
+    }
+}
+
+// buf [n, F] = x̃ · w̃ + b for the rows of `rows` (n of them), and each row's block maxima block_max
+// [n][ceil(F / kBlock)]: panels outer, so that each panel of the weights is read from cache by every row
+// group. Partial tiles (the last rows, the last latents) go through a scratch tile.
+inline void Approx(const Rows& rows, int64_t n, const Weights& p, const float* b, float* buf, float* block_max) {
+  static_assert(kCols % kBlock == 0, "a panel holds whole blocks");
+  const int64_t F = p.F, n_blocks = (F + kBlock - 1) / kBlock;
+  alignas(64) float tile[kRows * kCols];
+  alignas(64) float bias[kCols];
+  for (int64_t q = 0; q < p.panels; ++q) {
+    const int64_t f0 = q * kCols, nc = std::min(kCols, F - f0);
+    const uint16_t* panel = p.w.data() + q * p.pairs * kCols * 2;
+    std::fill(bias, bias + kCols, 0.0f);
+    std::copy(b + f0, b + f0 + nc, bias);
+    for (int64_t r0 = 0; r0 < n; r0 += kRows) {
+      const uint32_t* a = rows.x.data() + r0 * p.pairs;
+      float* bm = block_max + r0 * n_blocks;
+      if (r0 + kRows <= n && nc == kCols) {
+        MicroTile(a, p.pairs, panel, bias, buf + r0 * F + f0, F);
+        BlockMaxima(buf + r0 * F + f0, F, kRows, kCols, f0 / kBlock, n_blocks, bm);
+        continue;
+      }
+      MicroTile(a, p.pairs, panel, bias, tile, kCols);
+      const int64_t valid = std::min(kRows, n - r0);
+      for (int64_t i = 0; i < valid; ++i)
+        std::copy(tile + i * kCols, tile + i * kCols + nc, buf + (r0 + i) * F + f0);
+      BlockMaxima(tile, kCols, valid, nc, f0 / kBlock, n_blocks, bm);
+    }
+  }
+}
+#endif
+
+}  // namespace screen
