@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
@@ -24,6 +25,7 @@ namespace screen {
 constexpr int64_t kRows = 8;            // micro-tile: 8 rows × kCols latents in 24 accumulators
 constexpr int64_t kVecs = 3;            // 16-float vectors per micro-tile row
 constexpr int64_t kCols = 16 * kVecs;   // latents per panel of the packed weights
+constexpr int64_t kBlock = 16;          // latents per block maximum
 
 // Round to nearest even (NaN stays NaN; huge values round to infinity, which the bound then reports).
 inline uint16_t ToBf16(float v) {
@@ -46,47 +48,69 @@ inline float FromBf16(uint16_t h) {
 // column norms of w, w̃ and w − w̃, which bound the screen's error (norm NaN when w is not finite).
 struct Weights {
   int64_t d = 0, F = 0, pairs = 0, panels = 0;
-  std::vector<uint16_t> w;
+  std::unique_ptr<uint16_t[]> w;  // every element written by Pack: no zero-filling pass first
   float norm = 0, rounded_norm = 0, error_norm = 0;
 };
 
+#if JAXSAE_SCREEN
+// 16 latents of one pair of rows of w (w0, w1; w1 null past d) as 16 bf16 pairs, and their column
+// sums of squares of w, of w̃ and of w − w̃ added to s, sr, se.
+inline __m512i PackPairs(const float* w0, const float* w1, __m512* s, __m512* sr, __m512* se) {
+  const __m512 v0 = _mm512_loadu_ps(w0), v1 = w1 ? _mm512_loadu_ps(w1) : _mm512_setzero_ps();
+  const __m512i h0 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v0));
+  const __m512i h1 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v1));
+  const __m512 r0 = _mm512_castsi512_ps(_mm512_slli_epi32(h0, 16)), r1 = _mm512_castsi512_ps(_mm512_slli_epi32(h1, 16));
+  const __m512 e0 = _mm512_sub_ps(v0, r0), e1 = _mm512_sub_ps(v1, r1);
+  *s = _mm512_fmadd_ps(v0, v0, _mm512_fmadd_ps(v1, v1, *s));
+  *sr = _mm512_fmadd_ps(r0, r0, _mm512_fmadd_ps(r1, r1, *sr));
+  *se = _mm512_fmadd_ps(e0, e0, _mm512_fmadd_ps(e1, e1, *se));
+  return _mm512_or_si512(h0, _mm512_slli_epi32(h1, 16));
+}
+
+// The weights packed for the screen, in parallel over panels; the column sums of squares in float32
+// (relative error about d·2⁻²⁴, within the bound's 1% to spare).
 inline Weights Pack(const float* w, int64_t d, int64_t F) {
   Weights p;
   p.d = d;
   p.F = F;
   p.pairs = (d + 1) / 2;
   p.panels = (F + kCols - 1) / kCols;
-  p.w.assign(p.panels * p.pairs * kCols * 2, 0);
-  double norm = 0, rounded = 0, error = 0;
+  p.w.reset(new uint16_t[p.panels * p.pairs * kCols * 2]);
+  float norm = 0, rounded = 0, error = 0;
   bool finite = true;  // max() would drop a NaN column norm
 #pragma omp parallel for schedule(static) reduction(max : norm, rounded, error) reduction(&& : finite)
   for (int64_t q = 0; q < p.panels; ++q) {
     const int64_t f0 = q * kCols, nc = std::min(kCols, F - f0);
-    double s[kCols] = {}, sr[kCols] = {}, se[kCols] = {};
-    for (int64_t i = 0; i < d; ++i) {
-      uint16_t* o = p.w.data() + ((q * p.pairs + i / 2) * kCols) * 2 + (i & 1);
-      const float* wi = w + i * F + f0;
-      for (int64_t c = 0; c < nc; ++c) {
-        const uint16_t h = ToBf16(wi[c]);
-        const double v = wi[c], r = FromBf16(h);
-        o[2 * c] = h;
-        s[c] += v * v;
-        sr[c] += r * r;
-        se[c] += (v - r) * (v - r);
+    alignas(64) float col[kCols], tail[2][kCols];
+    __m512 s[kVecs], sr[kVecs], se[kVecs];
+    for (int j = 0; j < kVecs; ++j) s[j] = sr[j] = se[j] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < p.pairs; ++i) {
+      const float *w0 = w + 2 * i * F + f0, *w1 = 2 * i + 1 < d ? w0 + F : nullptr;
+      if (nc < kCols) {  // the last panel: through zero-padded copies
+        std::fill(&tail[0][0], &tail[0][0] + 2 * kCols, 0.0f);
+        std::copy(w0, w0 + nc, tail[0]);
+        if (w1) std::copy(w1, w1 + nc, tail[1]);
+        w0 = tail[0];
+        w1 = w1 ? tail[1] : nullptr;
       }
+      uint16_t* o = p.w.get() + (q * p.pairs + i) * kCols * 2;
+      for (int j = 0; j < kVecs; ++j)
+        _mm512_storeu_si512(o + 32 * j, PackPairs(w0 + 16 * j, w1 ? w1 + 16 * j : nullptr, &s[j], &sr[j], &se[j]));
     }
-    for (int64_t c = 0; c < nc; ++c) {
-      finite = finite && std::isfinite(s[c]) && std::isfinite(sr[c]) && std::isfinite(se[c]);
-      norm = std::max(norm, s[c]);
-      rounded = std::max(rounded, sr[c]);
-      error = std::max(error, se[c]);
+    for (int j = 0; j < kVecs; ++j) {
+      _mm512_store_ps(col + 16 * j, s[j]);
+      for (int c = 0; c < 16; ++c) finite = finite && std::isfinite(col[16 * j + c]);
+      norm = std::max(norm, _mm512_reduce_max_ps(s[j]));
+      rounded = std::max(rounded, _mm512_reduce_max_ps(sr[j]));
+      error = std::max(error, _mm512_reduce_max_ps(se[j]));
     }
   }
-  p.norm = finite ? (float)std::sqrt(norm) : NAN;
-  p.rounded_norm = (float)std::sqrt(rounded);
-  p.error_norm = (float)std::sqrt(error);
+  p.norm = finite ? std::sqrt(norm) : NAN;
+  p.rounded_norm = std::sqrt(rounded);
+  p.error_norm = std::sqrt(error);
   return p;
 }
+#endif
 
 // Rows of x in bfloat16 pairs (as the weights' pairs), padded with zero rows to a multiple of kRows, and
 // per row the bound beta on |approx − exact| of every entry, where exact is any float32 sum of
@@ -143,8 +167,6 @@ inline void MicroTile(const uint32_t* a, int64_t pairs, const uint16_t* panel, c
       _mm512_storeu_ps(c + i * ldc + 16 * j, _mm512_add_ps(acc[i][j], _mm512_loadu_ps(b + 16 * j)));
 }
 
-constexpr int64_t kBlock = 16;  // latents per block maximum
-
 // The maximum of each block of kBlock latents of the tile rows c [rows, cols] (stride ldc), into
 // block_max [rows][F / kBlock rounded up] from block b0 on, while the tile is in L1.
 inline void BlockMaxima(const float* c, int64_t ldc, int64_t rows, int64_t cols, int64_t b0, int64_t n_blocks,
@@ -168,7 +190,7 @@ inline void Approx(const Rows& rows, int64_t n, const Weights& p, const float* b
   alignas(64) float bias[kCols];
   for (int64_t q = 0; q < p.panels; ++q) {
     const int64_t f0 = q * kCols, nc = std::min(kCols, F - f0);
-    const uint16_t* panel = p.w.data() + q * p.pairs * kCols * 2;
+    const uint16_t* panel = p.w.get() + q * p.pairs * kCols * 2;
     std::fill(bias, bias + kCols, 0.0f);
     std::copy(b + f0, b + f0 + nc, bias);
     for (int64_t r0 = 0; r0 < n; r0 += kRows) {

@@ -581,7 +581,7 @@ void KeepBest(uint64_t* cand, int64_t n, int64_t k, int64_t size, int32_t* out) 
 
 // Per-row scratch: the masked bit patterns (0 = not a candidate), block maxima, candidate keys.
 struct TopkScratch {
-  std::vector<int32_t> bits, block_max;
+  std::vector<int32_t> bits, block_max, visit;  // visit: the screen's blocks to read (ScanRow)
   std::vector<uint64_t> cand;
   explicit TopkScratch(int64_t F) : bits(F), block_max(2 * F), cand(F) {}
 };
@@ -806,7 +806,9 @@ struct Candidate {
 
 // The lowest approx value a candidate may have when the selection's exact threshold is at least
 // max(lower, 0): exact values of selected entries are > 0 as well.
-inline float CandidateFloor(float lower, float beta) { return std::isinf(lower) ? lower : std::max(lower, 0.0f) - beta; }
+inline float CandidateFloor(float lower, float beta) {
+  return std::isinf(lower) ? lower : std::max(lower, 0.0f) - beta;
+}
 
 // Lanes (0 / -1) of the latents allowed by a mask, for vectorised candidate tests.
 std::vector<int32_t> MaskLanes(const bool* mask, int64_t F) {
@@ -817,38 +819,76 @@ std::vector<int32_t> MaskLanes(const bool* mask, int64_t F) {
 
 // Appends the candidates of the approximate row a [F] (block maxima block_max) as (row, f), latents
 // ascending: entries >= floor_main on main's lanes, and >= floor_aux on aux's. Only the blocks whose
-// maximum reaches a floor are read; aux-k's latents, when few, are visited by id instead.
+// maximum reaches a floor are read; their cache lines (the row block is far bigger than L2) are all
+// requested before the first is read.
 void ScanRow(const float* a, const float* block_max, int64_t F, int32_t row, float floor_main,
-             const int32_t* lanes_main, float floor_aux, const RowTopk& aux, const int32_t* lanes_aux,
+             const int32_t* lanes_main, float floor_aux, const int32_t* lanes_aux, std::vector<int32_t>& visit,
              std::vector<Candidate>& out) {
-  const size_t first = out.size();
-  const float in_blocks = aux.few ? INFINITY : floor_aux;
-  const float visit = std::min(floor_main, in_blocks);
-  const f8 fm = Splat(floor_main), fa = Splat(in_blocks);
-  auto take = [&](int64_t f) {
-    return (a[f] >= floor_main && lanes_main[f]) || (a[f] >= in_blocks && lanes_aux[f]);
-  };
-  for (int64_t f0 = 0; f0 < F; f0 += screen::kBlock) {
-    if (!(block_max[f0 / screen::kBlock] >= visit)) continue;
+  const float lowest = std::min(floor_main, floor_aux);
+  visit.clear();
+  for (int64_t q = 0; q * screen::kBlock < F; ++q)
+    if (block_max[q] >= lowest) {
+      visit.push_back((int32_t)q);
+      __builtin_prefetch(a + q * screen::kBlock);
+      __builtin_prefetch(a + q * screen::kBlock + screen::kBlock - 1);
+    }
+  const f8 fm = Splat(floor_main), fa = Splat(floor_aux);
+  for (const int32_t q : visit) {
+    const int64_t f0 = q * screen::kBlock;
     if (f0 + screen::kBlock > F) {
       for (int64_t f = f0; f < F; ++f)
-        if (take(f)) out.push_back({row, (int32_t)f, a[f], a[f]});
+        if ((a[f] >= floor_main && lanes_main[f]) || (a[f] >= floor_aux && lanes_aux[f]))
+          out.push_back({row, (int32_t)f, a[f], a[f]});
       continue;
     }
     for (int64_t f = f0; f < f0 + screen::kBlock; f += 8) {
       const f8 v = Load8(a + f);
       const i8 m = ((i8)(v >= fm) & LoadV<i8>(lanes_main + f)) | ((i8)(v >= fa) & LoadV<i8>(lanes_aux + f));
       if (Any(m))
-        for (int q = 0; q < 8; ++q)
-          if (m[q]) out.push_back({row, (int32_t)(f + q), v[q], v[q]});
+        for (int q8 = 0; q8 < 8; ++q8)
+          if (m[q8]) out.push_back({row, (int32_t)(f + q8), v[q8], v[q8]});
     }
   }
-  if (!aux.few) return;
-  const size_t main_end = out.size();
-  for (int64_t f : aux.ids)
-    if (a[f] >= floor_aux && !(a[f] >= floor_main && lanes_main[f])) out.push_back({row, (int32_t)f, a[f], a[f]});
-  if (out.size() > main_end)
-    std::sort(out.begin() + first, out.end(), [](const Candidate& p, const Candidate& q) { return p.f < q.f; });
+}
+
+// The top k of `sel` per row when its latents are few (RowTopk::few, aux-k's dead latents): their exact
+// values for every row by one GEMM, x [R, d] · w[:, ids] + b[ids], instead of candidates (they would be
+// about half of all the candidates, each a dot product). As RowTopk::Run and ValuesAt.
+void SelectFewExactly(const float* x, const float* w, const float* b, int64_t R, int64_t d, int64_t F,
+                      const RowTopk& sel, TopkScratch* scratch, int32_t* idx, float* val) {
+  const int64_t n = (int64_t)sel.ids.size();
+  std::vector<float> cols(d * n), pre(R * n);
+  for (int64_t i = 0; i < d; ++i)
+    for (int64_t j = 0; j < n; ++j) cols[i * n + j] = w[i * F + sel.ids[j]];
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = 0; j < n; ++j) pre[r * n + j] = b[sel.ids[j]];
+  if (n > 0 && d > 0) ParallelGemm(x, cols.data(), pre.data(), R, n, d, n, false, 1.0f);
+  const FpMode fp;
+#pragma omp parallel
+  {
+    FpScope scope(fp);
+    uint64_t* cand = scratch[omp_get_thread_num()].cand.data();
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r) {
+      int32_t* out = idx + r * sel.size;
+      const float* p = pre.data() + r * n;
+      int64_t m = 0;
+      for (int64_t j = 0; j < n; ++j)
+        if (p[j] > 0.0f) cand[m++] = Key((uint32_t)PositiveBits(p[j]), sel.ids[j]);
+      if (sel.k == 0)
+        std::fill(out, out + sel.size, -1);
+      else
+        KeepBest(cand, m, sel.k, sel.size, out);
+      for (int64_t q = 0, j = 0; q < sel.size; ++q) {
+        if (out[q] < 0) {
+          val[r * sel.size + q] = 0.0f;
+          continue;
+        }
+        while (sel.ids[j] != out[q]) ++j;
+        val[r * sel.size + q] = p[j];
+      }
+    }
+  }
 }
 
 // c.v = x[c.row] · w[:, c.f] + b[c.f] in float32 for every candidate. w's columns are strided, so the
@@ -944,7 +984,9 @@ ScreenSetup SetUpScreen(const float* w, const float* b, int64_t d, int64_t F, in
     b_finite = b_finite && std::isfinite(b[f]);
     s.b_max = std::max(s.b_max, std::fabs(b[f]));
   }
+#if JAXSAE_SCREEN
   s.w = screen::Pack(w, d, F);
+#endif
   s.ok = b_finite && std::isfinite(s.w.norm) && std::isfinite(s.w.rounded_norm) &&
          std::isfinite(s.w.error_norm);
   return s;
@@ -977,7 +1019,7 @@ ffi::Error ScreenResult(const char* name, int32_t mode, bool screened) {
 bool EncodeTopkScreened(const float* x, const float* w, const float* b, int64_t R, int64_t d, int64_t F,
                         const RowTopk& main, const RowTopk& aux, int32_t mode, int32_t* idx, float* val,
                         int32_t* aux_idx, float* aux_val) {
-  const ScreenSetup s = SetUpScreen(w, b, d, F, mode);
+  ScreenSetup s = SetUpScreen(w, b, d, F, mode);
   if (!s.ok) return false;
   const std::vector<int32_t> lanes_main = MaskLanes(reinterpret_cast<const bool*>(main.mask), F),
                              lanes_aux = MaskLanes(reinterpret_cast<const bool*>(aux.mask), F);
@@ -1002,18 +1044,21 @@ bool EncodeTopkScreened(const float* x, const float* w, const float* b, int64_t 
     for (int64_t r = 0; r < n; ++r) {
       const float *a = buf + r * F, *m = bm + r * n_blocks;
       const float beta = rows.beta[r];
+      const float floor_aux = aux.few ? INFINITY : CandidateFloor(aux.LowerBound(a, m, sc) - beta, beta);
       ScanRow(a, m, F, (int32_t)(r0 + r), CandidateFloor(main.LowerBound(a, m, sc) - beta, beta),
-              lanes_main.data(), CandidateFloor(aux.LowerBound(a, m, sc) - beta, beta), aux, lanes_aux.data(), out);
+              lanes_main.data(), floor_aux, lanes_aux.data(), sc.visit, out);
     }
     if ((found += (int64_t)out.size()) > cap) failed = true;
   });
   if (failed.load()) return false;
+  s.w.w.reset();  // the refinement reads w itself
   std::vector<Candidate> c = Concatenate(blocks);
   Refine(c, x, w, b, d, F);
   ForCandidateRows(c, R, [&](int t, int64_t r, const Candidate* rc, int64_t n) {
     SelectCandidates(rc, n, main, scratch[t], idx + r * main.size, val + r * main.size);
-    SelectCandidates(rc, n, aux, scratch[t], aux_idx + r * aux.size, aux_val + r * aux.size);
+    if (!aux.few) SelectCandidates(rc, n, aux, scratch[t], aux_idx + r * aux.size, aux_val + r * aux.size);
   });
+  if (aux.few) SelectFewExactly(x, w, b, R, d, F, aux, scratch.data(), aux_idx, aux_val);
   return true;
 }
 
@@ -1336,9 +1381,9 @@ void ForEncodedBlocks(const float* x, const float* w, const float* b, int64_t R,
 // The guess of pass 1: the level-0 bin above which the `rows` sampled rows (histograms priv [nt, kBins])
 // hold `margin` times their share of kb, as the bits of the bin's lowest value (1 if none).
 int32_t GuessThreshold(const std::vector<int32_t>& priv, int nt, int64_t rows, int64_t R, int64_t kb,
-                       int64_t margin = kPoolMargin) {
+                       double margin = kPoolMargin) {
   const std::vector<int64_t> sample = SumHistograms(priv, nt, kBins / 2);
-  const int64_t want = std::max<int64_t>(1, (margin * kb * rows + R - 1) / R);
+  const int64_t want = std::max<int64_t>(1, (int64_t)std::ceil(margin * (double)kb * (double)rows / (double)R));
   int64_t above;
   const int64_t g = TopBin(sample.data(), want, above);
   return g > 0 ? (int32_t)(g << 16) : 1;
@@ -1368,26 +1413,28 @@ void EmitSelection(const std::vector<PoolEntry>& pool, Threshold th, int64_t R, 
 // >= guess − beta) and for aux-k, all refined at the end. The pool is every entry >= guess; when it holds
 // at least kb of them, the threshold is among them (the level-0 and level-1 histograms of the pool
 // alone), and no histogram of the whole batch is needed. The guess asks for kScreenMargin times the
-// sample's share of kb (each extra candidate costs a dot product). Returns 1 when it selected (th, and
-// pool row-major; aux-k written); 0 when the screen cannot be used; -1 when it ran but the candidates
-// would not fit or the guess was above the threshold: then the unscreened passes run.
-constexpr int64_t kScreenMargin = 2;
+// sample's share of kb: each extra candidate costs a dot product, a guess above the threshold a whole
+// unscreened pass (the sample is an eighth of the rows at B 4096 on 2 threads). Returns 1 when it
+// selected (th, and pool row-major; aux-k written); 0 when the screen cannot be used; -1 when it ran
+// but the candidates would not fit or the guess was above the threshold: then the unscreened passes run.
+constexpr double kScreenMargin = 1.5;
 
 int ScreenedBatchPass(const float* x, const float* w, const float* b, int64_t R, int64_t d, int64_t F, int64_t kb,
                       const RowTopk& aux, int32_t mode, int32_t* aux_idx, float* aux_val,
                       std::vector<PoolEntry>& pool, Threshold& th) {
-  const ScreenSetup s = SetUpScreen(w, b, d, F, mode);
+  ScreenSetup s = SetUpScreen(w, b, d, F, mode);
   if (!s.ok || kb <= 0) return 0;
   const std::vector<int32_t> lanes_all = MaskLanes(nullptr, F),
                              lanes_aux = MaskLanes(reinterpret_cast<const bool*>(aux.mask), F);
-  const int64_t blk = EncodeBlockRows(F), nb = (R + blk - 1) / blk, n_blocks = (F + screen::kBlock - 1) / screen::kBlock;
+  const int64_t blk = EncodeBlockRows(F), nb = (R + blk - 1) / blk;
+  const int64_t n_blocks = (F + screen::kBlock - 1) / screen::kBlock;
   const int64_t cap = kPoolRoom * kb + (2 * aux.k + 64) * R;
   const int nt_max = omp_get_max_threads();
   std::vector<int32_t> priv((int64_t)nt_max * kBins, 0);
   std::vector<TopkScratch> scratch;
   for (int u = 0; u < nt_max; ++u) scratch.emplace_back(F);
   std::vector<std::vector<Candidate>> blocks(nb);
-  std::vector<float> aux_floor(R);
+  std::vector<float> aux_floor(R, INFINITY);  // aux-k's few latents: SelectFewExactly instead
   std::atomic<int64_t> found{0};
   std::atomic<bool> failed{false};
   int32_t guess = 1;
@@ -1404,7 +1451,7 @@ int ScreenedBatchPass(const float* x, const float* w, const float* b, int64_t R,
         failed = true;
         return;
       }
-      for (int64_t r = 0; r < n; ++r) {
+      for (int64_t r = 0; r < n && !aux.few; ++r) {
         const float lower = aux.LowerBound(buf.data() + r * F, block_max.data() + r * n_blocks, scratch[t]);
         aux_floor[r0 + r] = CandidateFloor(lower - rows.beta[r], rows.beta[r]);
       }
@@ -1416,13 +1463,14 @@ int ScreenedBatchPass(const float* x, const float* w, const float* b, int64_t R,
       std::memcpy(&g, &guess, 4);
       for (int64_t r = 0; r < n; ++r)
         ScanRow(buf.data() + r * F, block_max.data() + r * n_blocks, F, (int32_t)(r0 + r), g - rows.beta[r],
-                lanes_all.data(), aux_floor[r0 + r], aux, lanes_aux.data(), blocks[q]);
+                lanes_all.data(), aux_floor[r0 + r], lanes_aux.data(), scratch[t].visit, blocks[q]);
       if ((found += (int64_t)blocks[q].size()) > cap) failed = true;
     };
     const int64_t first = std::min<int64_t>(nt, nb);
     if (t < first) {
       encode(t);
-      if (!failed.load()) HistogramLevel0(buf.data(), 0, std::min(blk, R - t * blk) * F, priv.data() + (int64_t)t * kBins);
+      const int64_t n = std::min(blk, R - t * blk);
+      if (!failed.load()) HistogramLevel0(buf.data(), 0, n * F, priv.data() + (int64_t)t * kBins);
     }
 #pragma omp barrier
 #pragma omp single
@@ -1435,6 +1483,7 @@ int ScreenedBatchPass(const float* x, const float* w, const float* b, int64_t R,
     }
   }
   if (failed.load()) return -1;
+  s.w.w.reset();  // the refinement reads w itself
   std::vector<Candidate> c = Concatenate(blocks);
   Refine(c, x, w, b, d, F);
   pool.clear();
@@ -1448,9 +1497,12 @@ int ScreenedBatchPass(const float* x, const float* w, const float* b, int64_t R,
   const int64_t hi = TopBin(hist.data(), kb, above_hi);
   if (hi < 0 && guess > 1) return -1;  // fewer than kb >= guess, and maybe some below it
   th = hi >= 0 ? ThresholdFromPool(pool, hi, above_hi, kb) : Threshold{0, 0};  // else: every positive entry
-  ForCandidateRows(c, R, [&](int t, int64_t r, const Candidate* rc, int64_t n) {
-    SelectCandidates(rc, n, aux, scratch[t], aux_idx + r * aux.size, aux_val + r * aux.size);
-  });
+  if (aux.few)
+    SelectFewExactly(x, w, b, R, d, F, aux, scratch.data(), aux_idx, aux_val);
+  else
+    ForCandidateRows(c, R, [&](int t, int64_t r, const Candidate* rc, int64_t n) {
+      SelectCandidates(rc, n, aux, scratch[t], aux_idx + r * aux.size, aux_val + r * aux.size);
+    });
   return 1;
 }
 
