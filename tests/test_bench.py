@@ -14,6 +14,7 @@ from jaxsae.bench import runner
 from jaxsae.bench.options import BenchOptions, parse_mesh
 from jaxsae.bench.peers import PEERS
 from jaxsae.config import ConfigError
+from jaxsae.kernels import cpu
 from launch.cli import main
 
 TINY = ["--d-in", "32", "--expansion", "4", "--k", "4", "--batch", "64", "--steps", "2", "--warmup", "1"]
@@ -89,5 +90,6 @@ def test_sparse_step_and_its_breakdown_run_in_process(architecture):
     opts = BenchOptions(**{**TINY_OPTS.__dict__, **sparse})
     out = ours.run(opts)
     assert out["kernels"] == "sparse" and out["tokens_per_s"] > 0
+    assert out["screen"] == (architecture == "batchtopk" and cpu.available() and cpu.can_screen())
     assert set(out["breakdown_s"]) >= {"encoder_matmul", "selection", "decode", "backward", "optimizer"}
     assert all(seconds >= 0 for seconds in out["breakdown_s"].values())

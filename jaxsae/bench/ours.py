@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxsae import kernels
 from jaxsae.bench import inputs, timing
 from jaxsae.bench.options import BenchOptions, parse_mesh
 from jaxsae.config import RunConfig, SAEConfig, TrainConfig
@@ -82,6 +83,15 @@ def state_bytes(state: TrainState) -> dict[str, int]:
         "params": sum(a.nbytes for a in jax.tree.leaves(state.params)),
         "optimizer": sum(a.nbytes for a in jax.tree.leaves(state.opt_state)),
     }
+
+
+def encoder_screen(cfg: RunConfig, mesh) -> bool:
+    """Whether the step's encoder goes through the CPU kernels' bfloat16 screen (jaxsae/kernels/
+    bf16_screen.h: TopK, and BatchTopK on one data shard, on a CPU with AVX512-BF16)."""
+    one_shard = mesh.shape[DATA] == 1 or cfg.sae.architecture == "topk"
+    can = getattr(kernels.backend(), "can_screen", lambda: False)
+    screened = cfg.sae.architecture in ("topk", "batchtopk") and one_shard
+    return use_sparse_kernels(cfg, mesh) and screened and can()
 
 
 def setup(opts: BenchOptions):
@@ -203,6 +213,7 @@ def run(opts: BenchOptions) -> dict:
         "mesh": dict(mesh.shape),
         "n_saes": opts.seeds,
         "kernels": "sparse" if use_sparse_kernels(cfg, mesh) else "dense",  # what `train.kernels` chose
+        "screen": encoder_screen(cfg, mesh),
         "dead_latents": len(inputs.dead_latents(opts.d_sae, opts.dead_fraction)),
     }
     trained, step_call = time_training(cfg, mesh, state, x, ks, opts)

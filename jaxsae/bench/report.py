@@ -30,8 +30,9 @@ def ours_lines(r: dict) -> list[str]:
     if "skipped" in r:
         return [f"  ours: skipped: {r['skipped']}"]
     step, floor = r["step_s"], r["floor_s"]
+    screen = ", bf16 screen" if r.get("screen") else ""
     lines = [
-        f"  ours ({r.get('kernels')} kernels)  {r['tokens_per_s']:>10,.0f} tokens/s   "
+        f"  ours ({r.get('kernels')} kernels{screen})  {r['tokens_per_s']:>10,.0f} tokens/s   "
         f"step {_ms(step['median'])} ms (mean {_ms(step['mean'])})   floor {_ms(floor['median'])} ms   "
         f"floor ratio {r['floor_ratio']:.2f}",
     ]
