@@ -27,22 +27,6 @@ constexpr int64_t kVecs = 3;            // 16-float vectors per micro-tile row
 constexpr int64_t kCols = 16 * kVecs;   // latents per panel of the packed weights
 constexpr int64_t kBlock = 16;          // latents per block maximum
 
-// Round to nearest even (NaN stays NaN; huge values round to infinity, which the bound then reports).
-inline uint16_t ToBf16(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
-}
-
-inline float FromBf16(uint16_t h) {
-  const uint32_t u = (uint32_t)h << 16;
-  float v;
-  std::memcpy(&v, &u, 4);
-  return v;
-}
-
 // w [d, F] row-major in bfloat16, as panels [panels][pairs][kCols][2]: latent c of a panel holds
 // (w[2p, c], w[2p + 1, c]) at pair p (vdpbf16ps's operand layout; zero past d and F), and the largest
 // column norms of w, w̃ and w − w̃, which bound the screen's error (norm NaN when w is not finite).
@@ -53,17 +37,23 @@ struct Weights {
 };
 
 #if JAXSAE_SCREEN
+// v rounded to bfloat16 as the screen's GEMM reads it (vcvtneps2bf16: nearest even, denormals to 0), the
+// 16 bfloat16s in the low halves of `bits`' lanes; adds v², ṽ² and (v − ṽ)² to s, sr and se per lane.
+inline __m512 RoundBf16(__m512 v, __m512i* bits, __m512* s, __m512* sr, __m512* se) {
+  *bits = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v));
+  const __m512 r = _mm512_castsi512_ps(_mm512_slli_epi32(*bits, 16)), e = _mm512_sub_ps(v, r);
+  *s = _mm512_fmadd_ps(v, v, *s);
+  *sr = _mm512_fmadd_ps(r, r, *sr);
+  *se = _mm512_fmadd_ps(e, e, *se);
+  return r;
+}
+
 // 16 latents of one pair of rows of w (w0, w1; w1 null past d) as 16 bf16 pairs, and their column
 // sums of squares of w, of w̃ and of w − w̃ added to s, sr, se.
 inline __m512i PackPairs(const float* w0, const float* w1, __m512* s, __m512* sr, __m512* se) {
-  const __m512 v0 = _mm512_loadu_ps(w0), v1 = w1 ? _mm512_loadu_ps(w1) : _mm512_setzero_ps();
-  const __m512i h0 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v0));
-  const __m512i h1 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v1));
-  const __m512 r0 = _mm512_castsi512_ps(_mm512_slli_epi32(h0, 16)), r1 = _mm512_castsi512_ps(_mm512_slli_epi32(h1, 16));
-  const __m512 e0 = _mm512_sub_ps(v0, r0), e1 = _mm512_sub_ps(v1, r1);
-  *s = _mm512_fmadd_ps(v0, v0, _mm512_fmadd_ps(v1, v1, *s));
-  *sr = _mm512_fmadd_ps(r0, r0, _mm512_fmadd_ps(r1, r1, *sr));
-  *se = _mm512_fmadd_ps(e0, e0, _mm512_fmadd_ps(e1, e1, *se));
+  __m512i h0, h1;
+  RoundBf16(_mm512_loadu_ps(w0), &h0, s, sr, se);
+  RoundBf16(w1 ? _mm512_loadu_ps(w1) : _mm512_setzero_ps(), &h1, s, sr, se);
   return _mm512_or_si512(h0, _mm512_slli_epi32(h1, 16));
 }
 
@@ -117,29 +107,31 @@ inline Weights Pack(const float* w, int64_t d, int64_t F) {
 // x[r]·w[:, f] + b[f] (|error| <= γ‖x‖‖w‖ plus the bias's rounding): the rounding term ‖x − x̃‖‖w‖ +
 // ‖x̃‖‖w − w̃‖ (Cauchy-Schwarz), both sums' float32 accumulation (γ = (d + 2)·2⁻²⁴ of ‖x̃‖‖w̃‖ and
 // ‖x‖‖w‖), both bias additions and flushed denormals, with 1% to spare for the bound's own rounding.
-// A row with a NaN or infinite bound cannot be screened.
+// A row with a NaN or infinite bound cannot be screened. The sums of squares are float32 (relative error
+// about d·2⁻²⁴, within the 1%).
 struct Rows {
   std::vector<uint32_t> x;  // [rows rounded up to kRows][pairs]
   std::vector<float> beta;  // [rows]
 };
 
+#if JAXSAE_SCREEN
 inline void Round(const float* x, int64_t n, const Weights& p, float b_max, Rows& out) {
   const int64_t padded = (n + kRows - 1) / kRows * kRows, d = p.d;
   out.x.assign(padded * p.pairs, 0);
   out.beta.resize(n);
   const double gamma = (double)(d + 2) * std::ldexp(1.0, -24);
   for (int64_t r = 0; r < n; ++r) {
-    const float* xr = x + r * d;
-    double s = 0, sr = 0, se = 0;
-    for (int64_t i = 0; i < d; ++i) {
-      const uint16_t h = ToBf16(xr[i]);
-      const double v = xr[i], q = FromBf16(h);
-      out.x[r * p.pairs + i / 2] |= (uint32_t)h << (16 * (i & 1));
-      s += v * v;
-      sr += q * q;
-      se += (v - q) * (v - q);
+    // The pairs of a row are its bfloat16s in order: 16 at a time, the tail masked.
+    uint16_t* o = reinterpret_cast<uint16_t*>(out.x.data() + r * p.pairs);
+    __m512 s = _mm512_setzero_ps(), sr = s, se = s;
+    for (int64_t i = 0; i < d; i += 16) {
+      const __mmask16 m = d - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - i)) - 1);
+      __m512i bits;
+      RoundBf16(_mm512_maskz_loadu_ps(m, x + r * d + i), &bits, &s, &sr, &se);
+      _mm256_mask_storeu_epi16(o + i, m, _mm512_cvtepi32_epi16(bits));
     }
-    const double xn = std::sqrt(s), xrn = std::sqrt(sr), xen = std::sqrt(se);
+    const double xn = std::sqrt(_mm512_reduce_add_ps(s)), xrn = std::sqrt(_mm512_reduce_add_ps(sr));
+    const double xen = std::sqrt(_mm512_reduce_add_ps(se));
     const double rounding = xen * p.norm + xrn * p.error_norm;
     const double summing = gamma * (xrn * p.rounded_norm + xn * p.norm);
     const double bias = std::ldexp(1.0, -22) * (xn * p.norm + xrn * p.rounded_norm + b_max);
@@ -147,7 +139,6 @@ inline void Round(const float* x, int64_t n, const Weights& p, float b_max, Rows
   }
 }
 
-#if JAXSAE_SCREEN
 // c[0:8, 0:kCols] (row stride ldc) = a[0:8] (bf16 pairs, row stride pairs) · one panel, + b[0:kCols].
 inline void MicroTile(const uint32_t* a, int64_t pairs, const uint16_t* panel, const float* b, float* c,
                       int64_t ldc) {

@@ -804,10 +804,10 @@ struct Candidate {
   float approx, v;  // v: the exact value once refined
 };
 
-// The lowest approx value a candidate may have when the selection's exact threshold is at least
-// max(lower, 0): exact values of selected entries are > 0 as well.
-inline float CandidateFloor(float lower, float beta) {
-  return std::isinf(lower) ? lower : std::max(lower, 0.0f) - beta;
+// The lowest approx value a candidate may have, given `kth`, an approx value that k allowed entries
+// reach (their exact values are >= kth − beta, so is the exact threshold; selected values are > 0 too).
+inline float CandidateFloor(float kth, float beta) {
+  return std::isinf(kth) ? kth : std::max(kth - beta, 0.0f) - beta;
 }
 
 // Lanes (0 / -1) of the latents allowed by a mask, for vectorised candidate tests.
@@ -851,45 +851,6 @@ void ScanRow(const float* a, const float* block_max, int64_t F, int32_t row, flo
   }
 }
 
-// The top k of `sel` per row when its latents are few (RowTopk::few, aux-k's dead latents): their exact
-// values for every row by one GEMM, x [R, d] · w[:, ids] + b[ids], instead of candidates (they would be
-// about half of all the candidates, each a dot product). As RowTopk::Run and ValuesAt.
-void SelectFewExactly(const float* x, const float* w, const float* b, int64_t R, int64_t d, int64_t F,
-                      const RowTopk& sel, TopkScratch* scratch, int32_t* idx, float* val) {
-  const int64_t n = (int64_t)sel.ids.size();
-  std::vector<float> cols(d * n), pre(R * n);
-  for (int64_t i = 0; i < d; ++i)
-    for (int64_t j = 0; j < n; ++j) cols[i * n + j] = w[i * F + sel.ids[j]];
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t j = 0; j < n; ++j) pre[r * n + j] = b[sel.ids[j]];
-  if (n > 0 && d > 0) ParallelGemm(x, cols.data(), pre.data(), R, n, d, n, false, 1.0f);
-  const FpMode fp;
-#pragma omp parallel
-  {
-    FpScope scope(fp);
-    uint64_t* cand = scratch[omp_get_thread_num()].cand.data();
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < R; ++r) {
-      int32_t* out = idx + r * sel.size;
-      const float* p = pre.data() + r * n;
-      int64_t m = 0;
-      for (int64_t j = 0; j < n; ++j)
-        if (p[j] > 0.0f) cand[m++] = Key((uint32_t)PositiveBits(p[j]), sel.ids[j]);
-      if (sel.k == 0)
-        std::fill(out, out + sel.size, -1);
-      else
-        KeepBest(cand, m, sel.k, sel.size, out);
-      for (int64_t q = 0, j = 0; q < sel.size; ++q) {
-        if (out[q] < 0) {
-          val[r * sel.size + q] = 0.0f;
-          continue;
-        }
-        while (sel.ids[j] != out[q]) ++j;
-        val[r * sel.size + q] = p[j];
-      }
-    }
-  }
-}
 
 // c.v = x[c.row] · w[:, c.f] + b[c.f] in float32 for every candidate. w's columns are strided, so the
 // candidates go by latent (a counting sort), 16 latents at a time with their columns transposed once into
@@ -950,6 +911,31 @@ void SelectCandidates(const Candidate* c, int64_t n, const RowTopk& sel, TopkScr
     }
     while (c[j].f != idx[q]) ++j;
     val[q] = c[j].v;
+  }
+}
+
+// The top k of `sel` per row when its latents are few (RowTopk::few, aux-k's dead latents): their exact
+// values for every row by one GEMM, x [R, d] · w[:, ids] + b[ids], instead of candidates (they would be
+// about half of all the candidates, each a dot product), then SelectCandidates on each row of them.
+void SelectFewExactly(const float* x, const float* w, const float* b, int64_t R, int64_t d, int64_t F,
+                      const RowTopk& sel, TopkScratch* scratch, int32_t* idx, float* val) {
+  const int64_t n = (int64_t)sel.ids.size();
+  std::vector<float> cols(d * n), pre(R * n);
+  for (int64_t i = 0; i < d; ++i)
+    for (int64_t j = 0; j < n; ++j) cols[i * n + j] = w[i * F + sel.ids[j]];
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = 0; j < n; ++j) pre[r * n + j] = b[sel.ids[j]];
+  if (n > 0 && d > 0) ParallelGemm(x, cols.data(), pre.data(), R, n, d, n, false, 1.0f);
+  const FpMode fp;
+#pragma omp parallel
+  {
+    FpScope scope(fp);
+    std::vector<Candidate> row(n);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t j = 0; j < n; ++j) row[j] = {(int32_t)r, (int32_t)sel.ids[j], pre[r * n + j], pre[r * n + j]};
+      SelectCandidates(row.data(), n, sel, scratch[omp_get_thread_num()], idx + r * sel.size, val + r * sel.size);
+    }
   }
 }
 
@@ -1044,8 +1030,8 @@ bool EncodeTopkScreened(const float* x, const float* w, const float* b, int64_t 
     for (int64_t r = 0; r < n; ++r) {
       const float *a = buf + r * F, *m = bm + r * n_blocks;
       const float beta = rows.beta[r];
-      const float floor_aux = aux.few ? INFINITY : CandidateFloor(aux.LowerBound(a, m, sc) - beta, beta);
-      ScanRow(a, m, F, (int32_t)(r0 + r), CandidateFloor(main.LowerBound(a, m, sc) - beta, beta),
+      const float floor_aux = aux.few ? INFINITY : CandidateFloor(aux.LowerBound(a, m, sc), beta);
+      ScanRow(a, m, F, (int32_t)(r0 + r), CandidateFloor(main.LowerBound(a, m, sc), beta),
               lanes_main.data(), floor_aux, lanes_aux.data(), sc.visit, out);
     }
     if ((found += (int64_t)out.size()) > cap) failed = true;
@@ -1453,7 +1439,7 @@ int ScreenedBatchPass(const float* x, const float* w, const float* b, int64_t R,
       }
       for (int64_t r = 0; r < n && !aux.few; ++r) {
         const float lower = aux.LowerBound(buf.data() + r * F, block_max.data() + r * n_blocks, scratch[t]);
-        aux_floor[r0 + r] = CandidateFloor(lower - rows.beta[r], rows.beta[r]);
+        aux_floor[r0 + r] = CandidateFloor(lower, rows.beta[r]);
       }
     };
     auto collect = [&](int64_t q) {
