@@ -22,8 +22,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxsae import optimizer
-from jaxsae.config import RunConfig
-from jaxsae.kernels import kernel
+from jaxsae.config import RunConfig, SAEConfig
+from jaxsae.kernels import kernel, ops
 from jaxsae.losses import LossHParams, LossOut
 from jaxsae.selection import DATA, MODEL, SAE, vary_like
 from jaxsae.sharding import BATCH, params_specs, state_specs
@@ -62,24 +62,32 @@ def tap_gradients(
     scale: jax.Array, layer: jax.Array,
 ) -> tuple[jax.Array, Selection, dict, Taps, LossOut]:
     """The step's forward and backward for the S SAEs a device holds (every leaf [S, ...]; x [L, b, d]
-    raw): (rows [S, b, d] scaled, the selection, the small parameters' gradients, the taps' gradients,
-    LossOut). Everything the update needs, without an [F, d] gradient."""
+    raw): (centred rows [S, b, d] (scaled, less the old b_dec), the selection, the small parameters'
+    gradients, the taps' gradients, LossOut). Everything the update needs, without an [F, d] gradient."""
     k_max = max(cfg.sae_ks())
-    rows = per_sae(lambda s, i: x[i] * s)(scale, layer)  # [S, b, d], scaled
+    one = partial(_tap_gradients_one, cfg.sae, k_max, x)
+    return per_sae(one)(params, fixed, dead, hp, scale, layer)
+
+
+def _tap_gradients_one(
+    cfg: SAEConfig, k_max: int, x: jax.Array, params: dict, fixed: dict, dead: jax.Array, hp: LossHParams,
+    scale: jax.Array, layer: jax.Array,
+) -> tuple[jax.Array, Selection, dict, Taps, LossOut]:
+    """`tap_gradients` of one SAE (leaves without the S axis). The [b, d] arrays that several kernels
+    read (the scaled and the centred rows; the taps' gradients, in sparse_sae_loss) are kept
+    (jaxsae.kernels.cpu.keep): XLA would otherwise recompute them in one fusion per consumer and shape,
+    each its own [b, d] buffer."""
     both = {**params, **fixed}
-    sel = per_sae(partial(select, cfg.sae, k_max=k_max))(both, rows, dead, hp)
-    taps = per_sae(zero_taps)(sel, rows)
+    rows = ops.keep(x[layer] * scale)
+    centred = ops.keep(rows - params["b_dec"])
+    sel = select(cfg, both, rows, dead, hp, k_max=k_max, centred=centred)
     small = {n: v for n, v in params.items() if n not in _MATRICES}
 
     def loss(small: dict, taps: Taps):
-        one = partial(sparse_sae_loss, cfg.sae, k_max=k_max)
-        losses, out = per_sae(lambda p, r, d, h, s, t: one(p, r, d, h, selection=s, taps=t))(
-            {**both, **small}, rows, dead, hp, sel, taps
-        )
-        return losses.sum(), out
+        return sparse_sae_loss(cfg, {**both, **small}, rows, dead, hp, k_max=k_max, selection=sel, taps=taps)
 
-    (g_small, g_taps), out = jax.grad(loss, argnums=(0, 1), has_aux=True)(small, taps)
-    return rows, sel, g_small, g_taps, out
+    (g_small, g_taps), out = jax.grad(loss, argnums=(0, 1), has_aux=True)(small, zero_taps(sel, rows))
+    return centred, sel, g_small, g_taps, out
 
 
 def per_device(
@@ -90,7 +98,7 @@ def per_device(
     SAEs to update): (trainable params, opt_state, LossOut, ok [S]). An SAE whose loss or gradients are
     not finite, or whose codes are not exact (out.metrics["exact"], jumprelu's), keeps its values."""
     tc = cfg.train
-    rows, sel, g_small, g_taps, out = tap_gradients(cfg, params, fixed, x, dead, hp, scale, layer)
+    centred, sel, g_small, g_taps, out = tap_gradients(cfg, params, fixed, x, dead, hp, scale, layer)
     ok = optimizer.finite_per_sae(out.metrics["loss"], (g_small, g_taps)) & todo & (out.metrics["exact"] == 1)
     h, flags = optimizer.hyper(tc, opt_state, {}, {}, ok)
     mu, nu = optimizer.moments(tc, opt_state)
@@ -106,9 +114,8 @@ def per_device(
     )
     enc_main = (sel.row, sel.idx, g_taps.pre)
     enc_aux = (sel.aux_row, sel.aux_idx, g_taps.aux_pre)
-    enc_y = rows - params["b_dec"][:, None, :]  # the centred rows (the old b_dec), as selected_pre's VJP
     new["W_enc"] = kernel("scatter_adam")(
-        params["W_enc"], mu["W_enc"], nu["W_enc"], enc_main, enc_aux, enc_y, enc_y, h, flags, True
+        params["W_enc"], mu["W_enc"], nu["W_enc"], enc_main, enc_aux, centred, centred, h, flags, True
     )
     new = {n: tuple(vary_like(a, params[n]) for a in v) for n, v in new.items()}
     new_params, new_opt = optimizer.assemble(tc, opt_state, new, ok)

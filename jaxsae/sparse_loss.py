@@ -67,18 +67,19 @@ def zero_taps(sel: Selection, x: jax.Array) -> Taps:
 
 def select(
     cfg: SAEConfig, params: Params, x: jax.Array, dead: jax.Array, hp: LossHParams, k_max: int,
-    axes: Axes = ONE_DEVICE,
+    axes: Axes = ONE_DEVICE, centred: jax.Array | None = None,
 ) -> Selection:
     """The sparse codes of rows x [b, d] (input-scaled). topk runs the encoder fused with its per-row
     selections (jaxsae.kernels.ops.encode_topk: no [b, F] array on the CPU). batchtopk's threshold is
     global (one row may hold a thousand of the batch's k·B entries): on one data shard the CPU kernel
     keeps, while encoding, only the entries above a guessed bound of it (no [b, F] array either, see
     jaxsae.kernels.ops.encode_batchtopk); over several shards it selects over the [b, F] pre-activations.
-    jumprelu keeps the entries above θ − ε/2, also selected while encoding on the CPU."""
+    jumprelu keeps the entries above θ − ε/2, also selected while encoding on the CPU. `centred`: x − b_dec,
+    where the caller has it already."""
     params = jax.tree.map(lax.stop_gradient, params)
     b, n_latents = x.shape[0], params["W_enc"].shape[1]
     # The encoder matmul's operands in the compute dtype; the kernels accumulate in float32.
-    xc = (x - params["b_dec"]).astype(cfg.dtype)
+    xc = (x - params["b_dec"] if centred is None else centred).astype(cfg.dtype)
     w_enc, b_enc = params["W_enc"].astype(cfg.dtype), params["b_enc"]
     k_aux = min(x.shape[-1] // 2, n_latents)
     rows = jnp.arange(b, dtype=jnp.int32)
@@ -121,9 +122,10 @@ def sparse_sae_loss(
     sel = select(cfg, params, x, dead, hp, k_max, axes) if selection is None else selection
     row, idx = sel.row, sel.idx
     taps = Taps(0.0, 0.0, 0.0, 0.0) if taps is None else taps
-    pre = ops.selected_pre(sel.pre, x, params["W_enc"], params["b_enc"], params["b_dec"], row, idx) + taps.pre
-    codes, sparsity = codes_at(cfg, params, pre, idx)
-    x_hat = ops.decode(row, idx, codes, params["W_dec"], b) + taps.main + params["b_dec"]
+    # The cotangents of the taps' sums reach the taps and the kernels' backward passes: kept once.
+    pre = ops.selected_pre(sel.pre, x, params["W_enc"], params["b_enc"], params["b_dec"], row, idx)
+    codes, sparsity = codes_at(cfg, params, ops.keep_cotangent(pre + taps.pre), idx)
+    x_hat = ops.keep_cotangent(ops.decode(row, idx, codes, params["W_dec"], b) + taps.main) + params["b_dec"]
     err = x - x_hat
     recon = psum(jnp.sum(err**2), axes.data) / n_rows
     sparsity = hp.sparsity_coefficient * psum(sparsity, axes.data) / n_rows
@@ -190,6 +192,7 @@ def sparse_aux_k_loss(
     """jaxsae.losses.aux_k_loss with the k_aux largest dead latents of each row (`sel`'s aux codes)."""
     row, idx = sel.aux_row, sel.aux_idx
     pre = ops.selected_pre(sel.aux_pre, x, params["W_enc"], params["b_enc"], params["b_dec"], row, idx)
-    aux_hat = ops.decode(row, idx, jax.nn.relu(pre + taps.aux_pre), params["W_dec"], x.shape[0]) + taps.aux
+    codes = jax.nn.relu(ops.keep_cotangent(pre + taps.aux_pre))
+    aux_hat = ops.keep_cotangent(ops.decode(row, idx, codes, params["W_dec"], x.shape[0]) + taps.aux)
     loss = psum(jnp.sum((residual - aux_hat) ** 2), axes.data) / total_variance(residual, axes)
     return jnp.where(jnp.sum(dead) > 0, loss, 0.0)

@@ -53,6 +53,15 @@ def one_line(message: str) -> str:
     return " ".join(text.split())
 
 
+def entry() -> int:
+    """The `jaxsae` console script: `main` in a process with the training allocator settings (see
+    jaxsae.allocator; the first call re-executes the command with them)."""
+    from jaxsae.allocator import reexec_with_tunables
+
+    reexec_with_tunables()
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -84,4 +93,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

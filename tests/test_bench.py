@@ -37,19 +37,35 @@ def test_cli_json_with_peers(tmp_path, capsys):
     assert set(result["peers"]) == {"saelens-batchtopk", "sparsify-topk"}
     for name, tokens_per_s in result["peers"].items():
         assert tokens_per_s > 0, name
-        assert run["peer_details"][name]["aux_active"], f"{name}: aux-k did not run"
+        detail = run["peer_details"][name]
+        assert detail["aux_active"], f"{name}: aux-k did not run"
+        # Interleaved: 2 rounds each, the peer's own timings are those of its rounds, and the speedup
+        # is the ratio of the two medians in them.
+        timed = detail["rounds"]
+        assert len(timed["ours_s"]) == len(timed["peer_s"]) == 2
+        assert detail["step_s"]["all"] == timed["peer_s"]
+        assert run["speedup"][name] == pytest.approx(np.median(timed["peer_s"]) / np.median(timed["ours_s"]))
+    ours_in_rounds = [t for p in run["peer_details"].values() for t in p["rounds"]["ours_s"]]
+    assert sorted(run["rounds_s"]) == sorted(ours_in_rounds)
     assert result["machine"]["cpu"] and result["machine"]["cores"]
 
 
 def test_missing_peer_is_skipped(tmp_path, monkeypatch, capsys):
     """A library that fails to import (a stub package on PYTHONPATH) is skipped with a message, its value
-    null; `runner.run_ours` is replaced so that only the peer processes run."""
+    null; `runner.start_ours` is replaced so that only the peer processes run."""
     for package in ("sparsify", "sae_lens"):
         (tmp_path / package).mkdir()
         (tmp_path / package / "__init__.py").write_text("raise ImportError('simulated: not installed')\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    fake_ours = {"architecture": "topk", "tokens_per_s": 1.0}
-    monkeypatch.setattr(runner, "run_ours", lambda opts: dict(fake_ours))
+
+    class FakeOurs:
+        def step(self) -> float:
+            raise AssertionError("no rounds against a peer that is not installed")
+
+        def finish(self) -> dict:
+            return {"architecture": "topk", "tokens_per_s": 1.0}
+
+    monkeypatch.setattr(runner, "start_ours", lambda opts: FakeOurs())
     result = runner.run_bench(TINY_OPTS, ["topk"], ("saelens", "sparsify"), say=lambda _: None)
     assert result["peers"] == {"sparsify-topk": None, "saelens-topk": None}
     for detail in result["runs"]["topk"]["peer_details"].values():
@@ -69,6 +85,12 @@ def test_bf16_is_measured(kernels):
     assert out["kernels"] == {"auto": "sparse", "dense": "dense"}[kernels]
     assert out["tokens_per_s"] > 0 and out["dtype"] == "bfloat16"
     assert np.isfinite(out["aux_loss"]) and out["memory"]["batch_bytes"] == 64 * 32 * 2
+
+
+def test_a_failed_process_is_reported_with_its_output():
+    with pytest.raises(runner.BenchError, match=r"no_such_module failed \(exit 1\)") as failed:
+        runner.Live("jaxsae.bench.no_such_module", TINY_OPTS, {}).finish()
+    assert "No module named" in str(failed.value)
 
 
 def test_options_round_trip_and_mesh():

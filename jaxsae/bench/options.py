@@ -31,6 +31,7 @@ class BenchOptions:
     breakdown: bool = True
     breakdown_steps: int = 3
     kernels: str = "auto"  # train.kernels of the step (auto | dense | sparse), where the library has it
+    interleave: bool = False  # after its own measurement, time steps in rounds (jaxsae.bench.rounds)
 
     @property
     def d_sae(self) -> int:

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxsae import kernels
-from jaxsae.bench import inputs, timing
+from jaxsae.bench import inputs, rounds, timing
 from jaxsae.bench.options import BenchOptions, parse_mesh
 from jaxsae.config import RunConfig, SAEConfig, TrainConfig
 from jaxsae.kernels import ops
@@ -234,6 +234,8 @@ def run(opts: BenchOptions) -> dict:
         from jaxsae.bench.breakdown import breakdown
 
         out["breakdown_s"] = breakdown(cfg, mesh, state, x, ks, steps=opts.breakdown_steps)
+    if opts.interleave:
+        out["rounds_s"] = rounds.serve(step_call, jax.block_until_ready)
     return out
 
 

@@ -40,6 +40,7 @@ _TARGETS = {
     "adam_rows": "JaxsaeAdamRows",
     "scatter_adam_rows": "JaxsaeScatterAdamRows",
     "scatter_adam_cols": "JaxsaeScatterAdamCols",
+    "keep": "JaxsaeKeep",
 }
 
 
@@ -84,6 +85,16 @@ def _call(name: str, out: object, *args: jax.Array, **attrs: object) -> object:
     """Runs the custom call `name` with result shape(s) `out`."""
     _library()
     return jax.ffi.ffi_call(f"jaxsae_{name}", out, vmap_method="sequential")(*args, **attrs)
+
+
+def keep(x: jax.Array) -> jax.Array:
+    """x, materialised once: an identity custom call (result aliased to the operand) that XLA cannot fuse
+    into. An elementwise [b, d] value read by several kernels, in two shapes ([b, d] and [1, b, d]),
+    is otherwise recomputed in one fusion per consumer and shape, each its own buffer; XLA's CPU
+    pipeline removes optimisation barriers, so they cannot stop it."""
+    _library()
+    out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    return jax.ffi.ffi_call("jaxsae_keep", out, input_output_aliases={0: 0}, vmap_method="expand_dims")(x)
 
 
 def _f32(x: jax.Array) -> jax.Array:

@@ -738,7 +738,7 @@ void TopkRows(const float* acts, const bool* mask, int64_t k, int32_t* out, int6
 // encode / encode_topk: the encoder matmul x·w + b in row blocks, each block by single-threaded OpenBLAS
 // in one OpenMP thread (measured here: within 5% of OpenBLAS's own threading, 1.3-1.5x faster than XLA's
 // dot). encode_topk selects while the block is hot and never holds more than one block per thread.
-constexpr int64_t kEncodeBlockBytes = 16 << 20;
+constexpr int64_t kEncodeBlockBytes = 8 << 20;
 
 int64_t EncodeBlockRows(int64_t F) { return std::clamp<int64_t>(kEncodeBlockBytes / (4 * std::max<int64_t>(F, 1)), 64, 256); }
 
@@ -2037,6 +2037,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeCompact, CompactFfi,
                                   .Arg<I32Vec>()
                                   .Ret<I32Vec>()
                                   .Ret<I32Mat>());
+
+// keep: the identity, its result aliased to its operand (see cpu.keep). XLA passes one buffer as both;
+// the copy covers a caller that did not alias them.
+ffi::Error KeepFfi(ffi::AnyBuffer in, ffi::Result<ffi::AnyBuffer> out) {
+  if (out->untyped_data() != in.untyped_data()) std::memcpy(out->untyped_data(), in.untyped_data(), in.size_bytes());
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeKeep, KeepFfi, ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 
 // (param, mu, nu) as three arguments, or as the three results written over them.
 template <typename B>

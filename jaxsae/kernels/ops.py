@@ -35,6 +35,21 @@ def _call(name: str, *args, **static):
 # --- differentiable ops ---------------------------------------------------------------------------
 
 
+@jax.custom_vjp
+def keep_cotangent(x: jax.Array) -> jax.Array:
+    """x; its cotangent materialised once (the `keep` kernel) before it fans out, e.g. to a decode's
+    backward kernels and to a tap: each consumer would otherwise recompute it into its own buffer."""
+    return x
+
+
+keep_cotangent.defvjp(lambda x: (x, None), lambda _, g: (keep(g),))
+
+
+def keep(x: jax.Array) -> jax.Array:
+    """x, materialised once for all its consumers (see jaxsae.kernels.cpu.keep); not differentiable."""
+    return _call("keep", x)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
 def decode(row: jax.Array, idx: jax.Array, val: jax.Array, w_dec: jax.Array, n_rows: int) -> jax.Array:
     """[n_rows, d]: Σ over each row's slots of val · w_dec[idx] (the sparse decode, without b_dec)."""

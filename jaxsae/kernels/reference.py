@@ -23,6 +23,11 @@ def _rows_of(w: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.where((idx >= 0)[..., None], w[jnp.maximum(idx, 0)], 0.0)
 
 
+def keep(x: jax.Array) -> jax.Array:
+    """The identity (the CPU kernel's materialises x once; see jaxsae.kernels.cpu.keep)."""
+    return x
+
+
 def gather_sum(row: jax.Array, idx: jax.Array, val: jax.Array, w: jax.Array, n_rows: int) -> jax.Array:
     """[n_rows, d]: out[r] = Σ over the slots (c, j) of row r of val[c, j] · w[idx[c, j]]  (w [F, d]).
     The sparse decode; accumulates in float32."""

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 from typing import NamedTuple
 
-from jaxsae.bench import inputs, timing
+from jaxsae.bench import inputs, rounds, timing
 from jaxsae.bench.options import BenchOptions
 
 
@@ -44,7 +44,13 @@ def dead_index(opts: BenchOptions):
 
 
 def measure(name: str, built: Built, opts: BenchOptions) -> dict:
-    times = timing.time_calls(built.step, opts.steps, opts.warmup, lambda _: None)
+    """The peer's step timed `opts.steps` times after `opts.warmup`, or, interleaved, in the rounds that
+    the caller asks for (jaxsae.bench.rounds)."""
+    if opts.interleave:
+        timing.time_calls(built.step, 0, opts.warmup, lambda _: None)
+        times = rounds.serve(built.step, lambda _: None)
+    else:
+        times = timing.time_calls(built.step, opts.steps, opts.warmup, lambda _: None)
     step = timing.summary(times)["median"]
     return {
         "name": name,
