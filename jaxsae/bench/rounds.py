@@ -4,7 +4,8 @@ ratio at 8x moved between 2.0x and 3.0x with other tenants' load.)
 
 The protocol, in text lines: a process started with `--interleave true` does its set-up (and ours its
 own measurement), prints `@jaxsae-bench ready`, then answers each `step` on its stdin with the seconds
-of one timed step (`@jaxsae-bench 0.123`). On `end` it prints its JSON result as its last line and exits.
+of one timed step (`@jaxsae-bench 0.123`), and each `warm` likewise, leaving that step out of its own
+record. On `end` it prints its JSON result as its last line and exits.
 Lines without the prefix (a library's own output) are skipped. A process with nothing to time (a peer
 that is not installed) prints its result without `ready`.
 """
@@ -33,10 +34,12 @@ def serve(step: Callable[[], object], sync: Callable[[object], object]) -> list[
     print(PREFIX + "ready", flush=True)
     times: list[float] = []
     for line in sys.stdin:
-        if line.strip() == "end":
+        command = line.strip()
+        if command == "end":
             break
-        times += timing.time_calls(step, 1, 0, sync)
-        print(PREFIX + repr(times[-1]), flush=True)
+        seconds = timing.time_calls(step, 1, 0, sync)[0]
+        times += [seconds] if command == "step" else []
+        print(PREFIX + repr(seconds), flush=True)
     return times
 
 
@@ -62,9 +65,9 @@ class Live:
                 self._last = line
         return None
 
-    def step(self) -> float:
-        """Seconds of one timed step of the process."""
-        self._proc.stdin.write("step\n")
+    def step(self, command: str = "step") -> float:
+        """Seconds of one timed step of the process (`warm`: left out of its own record)."""
+        self._proc.stdin.write(command + "\n")
         self._proc.stdin.flush()
         message = self._message()
         if message is None:
@@ -90,12 +93,18 @@ class Live:
         return BenchError(f"{self.module} failed (exit {self._proc.returncode}):\n{tail}")
 
 
-def alternate(ours: Live, peer: Live, rounds: int) -> dict[str, list[float]]:
-    """`rounds` rounds of one step of ours then one of the peer's: {"ours_s": [...], "peer_s": [...]}."""
+def alternate(ours: Live, peer: Live, rounds: int, warmup: int) -> dict[str, list[float]]:
+    """`warmup` untimed rounds, then `rounds` rounds of two steps of ours then two of the peer's, the
+    second of each pair timed: {"ours_s": [...], "peer_s": [...]}. Each timed step follows a step of
+    its own process, as in training, so that neither pays for the switch from the other (the first
+    step after a switch ran up to 1.6x slower for ours, with its buffers mapped afresh each step, see
+    jaxsae.allocator)."""
     out: dict[str, list[float]] = {"ours_s": [], "peer_s": []}
-    for _ in range(rounds):
-        out["ours_s"].append(ours.step())
-        out["peer_s"].append(peer.step())
+    for i in range(warmup + rounds):
+        for name, live in (("ours_s", ours), ("peer_s", peer)):
+            live.step("warm")
+            seconds = live.step("warm" if i < warmup else "step")
+            out[name] += [seconds] if i >= warmup else []
     return out
 
 

@@ -45,11 +45,11 @@ def start_ours(opts: BenchOptions) -> Live:
 
 
 def run_peer(peer: Peer, opts: BenchOptions, ours: Live) -> dict:
-    """One peer on our shapes (its own architecture), its steps alternating with ours (`opts.steps`
-    rounds, recorded under "rounds"); {"skipped": why} when it cannot run."""
+    """One peer on our shapes (its own architecture), its steps alternating with ours (`opts.warmup`
+    rounds, then `opts.steps` timed ones, recorded under "rounds"); {"skipped": why} when it cannot run."""
     peer_opts = dataclasses.replace(opts, architecture=peer.architecture, interleave=True)
     live = Live(peer.module, peer_opts, peer_env())
-    timed = rounds.alternate(ours, live, opts.steps) if live.ready else None
+    timed = rounds.alternate(ours, live, opts.steps, opts.warmup) if live.ready else None
     result = live.finish()
     return result if timed is None else {**result, "rounds": timed}
 

@@ -46,8 +46,7 @@ def dead_index(opts: BenchOptions):
 def measure(name: str, built: Built, opts: BenchOptions) -> dict:
     """The peer's step timed `opts.steps` times after `opts.warmup`, or, interleaved, in the rounds that
     the caller asks for (jaxsae.bench.rounds)."""
-    if opts.interleave:
-        timing.time_calls(built.step, 0, opts.warmup, lambda _: None)
+    if opts.interleave:  # warmed up in the rounds
         times = rounds.serve(built.step, lambda _: None)
     else:
         times = timing.time_calls(built.step, opts.steps, opts.warmup, lambda _: None)
