@@ -738,9 +738,15 @@ void TopkRows(const float* acts, const bool* mask, int64_t k, int32_t* out, int6
 // encode / encode_topk: the encoder matmul x·w + b in row blocks, each block by single-threaded OpenBLAS
 // in one OpenMP thread (measured here: within 5% of OpenBLAS's own threading, 1.3-1.5x faster than XLA's
 // dot). encode_topk selects while the block is hot and never holds more than one block per thread.
-constexpr int64_t kEncodeBlockBytes = 8 << 20;
+// Row blocks of at most this many bytes of pre-activations per thread. The screen's (bf16_screen.h) are
+// half as large: its GEMM reads the bfloat16 weights once per block at half the bytes, and at 32x it ran
+// as fast with 8 MB blocks as with 16 (16 MB less resident); float32's OpenBLAS blocks slowed by 15% then.
+constexpr int64_t kEncodeBlockBytes = 16 << 20, kScreenBlockBytes = 8 << 20;
 
-int64_t EncodeBlockRows(int64_t F) { return std::clamp<int64_t>(kEncodeBlockBytes / (4 * std::max<int64_t>(F, 1)), 64, 256); }
+int64_t EncodeBlockRows(int64_t F, bool screened = false) {
+  const int64_t bytes = screened ? kScreenBlockBytes : kEncodeBlockBytes;
+  return std::clamp<int64_t>(bytes / (4 * std::max<int64_t>(F, 1)), 64, 256);
+}
 
 // buf [n, F] = x[r0 : r0 + n] · w + b  (x [R, d], w [d, F] row-major).
 void EncodeBlock(const float* x, const float* w, const float* b, int64_t r0, int64_t n, int64_t d, int64_t F,
@@ -753,8 +759,8 @@ void EncodeBlock(const float* x, const float* w, const float* b, int64_t r0, int
 
 // Calls body(r0, n, thread_buffer_or_null) for the row blocks of [0, R), blocks spread over the team.
 template <typename Body>
-void ForRowBlocks(int64_t R, int64_t F, bool own_buffer, Body body) {
-  const int64_t blk = EncodeBlockRows(F);
+void ForRowBlocks(int64_t R, int64_t F, bool own_buffer, Body body, bool screened = false) {
+  const int64_t blk = EncodeBlockRows(F, screened);
   const int64_t nb = (R + blk - 1) / blk;
   SerialBlas();  // parallel over blocks instead
   const FpMode fp;
@@ -1009,7 +1015,7 @@ bool EncodeTopkScreened(const float* x, const float* w, const float* b, int64_t 
   if (!s.ok) return false;
   const std::vector<int32_t> lanes_main = MaskLanes(reinterpret_cast<const bool*>(main.mask), F),
                              lanes_aux = MaskLanes(reinterpret_cast<const bool*>(aux.mask), F);
-  const int64_t blk = EncodeBlockRows(F), nb = (R + blk - 1) / blk;
+  const int64_t blk = EncodeBlockRows(F, true), nb = (R + blk - 1) / blk;
   const int64_t cap = (4 * (main.k + aux.k) + 64) * R;  // candidates beyond: screening does not pay
   std::vector<std::vector<Candidate>> blocks(nb);
   std::vector<TopkScratch> scratch;
@@ -1035,7 +1041,7 @@ bool EncodeTopkScreened(const float* x, const float* w, const float* b, int64_t 
               lanes_main.data(), floor_aux, lanes_aux.data(), sc.visit, out);
     }
     if ((found += (int64_t)out.size()) > cap) failed = true;
-  });
+  }, true);
   if (failed.load()) return false;
   s.w.w.reset();  // the refinement reads w itself
   std::vector<Candidate> c = Concatenate(blocks);
@@ -1412,7 +1418,7 @@ int ScreenedBatchPass(const float* x, const float* w, const float* b, int64_t R,
   if (!s.ok || kb <= 0) return 0;
   const std::vector<int32_t> lanes_all = MaskLanes(nullptr, F),
                              lanes_aux = MaskLanes(reinterpret_cast<const bool*>(aux.mask), F);
-  const int64_t blk = EncodeBlockRows(F), nb = (R + blk - 1) / blk;
+  const int64_t blk = EncodeBlockRows(F, true), nb = (R + blk - 1) / blk;
   const int64_t n_blocks = (F + screen::kBlock - 1) / screen::kBlock;
   const int64_t cap = kPoolRoom * kb + (2 * aux.k + 64) * R;
   const int nt_max = omp_get_max_threads();
