@@ -115,3 +115,25 @@ def test_jumprelu_sae_whose_codes_do_not_fit_is_redone_by_the_dense_step(monkeyp
     np.testing.assert_allclose(sparse_m["loss"], dense_m["loss"], rtol=1e-5)
     assert list(np.asarray(sparse.step)) == [3, 3]
     assert list(sparse_m["dense_steps"]) == [1, 3]  # SAE 0: step 2 only; SAE 1: every step
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "topk"])
+def test_keep_saves_the_step_a_buffer_of_rows(arch, monkeypatch):
+    """The [b, d] arrays that several kernels read pass through `keep` (jaxsae.kernels.ops): XLA's
+    temporary buffer for the step is then smaller by more than one [b, d] array than with `keep` made
+    the identity (XLA then recomputes them into one buffer per consumer and shape)."""
+    from jaxsae.bench import ours
+    from jaxsae.bench.options import BenchOptions
+    from jaxsae.kernels import ops
+    from jaxsae.step import jit_step
+
+    opts = BenchOptions(d_in=32, expansion=4, k=4, batch=64, architecture=arch, mesh="sae=1,data=1,model=1")
+    cfg, mesh, state, x, ks = ours.setup(opts)
+
+    def temp_bytes() -> int:
+        compiled = jit_step(cfg, mesh, state).lower(state, x, ks, jnp.ones(1, bool)).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    kept = temp_bytes()
+    monkeypatch.setattr(ops, "keep", lambda v: v)
+    assert kept <= temp_bytes() - opts.batch * opts.d_in * 4

@@ -435,6 +435,16 @@ def test_vmap_over_saes():
         np.testing.assert_array_equal(hist[i], R["positive_histogram"](acts[i], 0, 0))
 
 
+def test_keep_is_the_identity_in_value_and_gradient():
+    """`keep` returns its operand (under vmap too) and `keep_cotangent` passes the cotangent unchanged
+    (their effect on the step's buffers: tests/test_fused_step.py)."""
+    x = np.random.default_rng(11).standard_normal((256, 64)).astype(np.float32)
+    np.testing.assert_array_equal(jax.jit(cpu.keep)(x), x)
+    np.testing.assert_array_equal(jax.vmap(cpu.keep)(np.stack([x, -x])), np.stack([x, -x]))
+    grad = jax.grad(lambda v: jnp.sum(jnp.sin(ops.keep_cotangent(v * 2.0))))(x)
+    np.testing.assert_allclose(grad, 2.0 * np.cos(2.0 * x), rtol=1e-6)
+
+
 def test_shard_map_two_devices():
     """Per-shard calls on a 2-device mesh: rows of the batch split across devices."""
     mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
