@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 _GB = 1e9
 _PIECES = ("encoder_matmul", "selection", "decode", "backward", "optimizer")
 
@@ -67,6 +69,8 @@ def peer_lines(r: dict) -> list[str]:
             continue
         speed = r["speedup"].get(name)
         vs = f"ours {speed:.2f}x" if speed else ""
+        if rounds := p.get("rounds"):  # the speed-up is taken in the rounds, where ours ran alongside
+            vs += f" (ours {_ms(statistics.median(rounds['ours_s']))} ms in these rounds)"
         aux = "aux-k on" if p.get("aux_active") else "aux-k off"
         note = r.get("peer_notes", {}).get(name, "")
         lines.append(
