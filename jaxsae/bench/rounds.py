@@ -83,13 +83,21 @@ class Live:
             pass
         if self._proc.wait() != 0 or not self._last:
             raise self._failure()
+        self._stderr.close()
         return json.loads(self._last)
+
+    def abort(self) -> None:
+        """Stops the process (the coordinator gave up on it)."""
+        self._proc.kill()
+        self._proc.wait()
+        self._stderr.close()
 
     def _failure(self) -> BenchError:
         self._proc.kill()
         self._proc.wait()
         self._stderr.seek(0)
         tail = (self._stderr.read() or self._last)[-2000:]
+        self._stderr.close()
         return BenchError(f"{self.module} failed (exit {self._proc.returncode}):\n{tail}")
 
 

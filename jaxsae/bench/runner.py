@@ -49,7 +49,11 @@ def run_peer(peer: Peer, opts: BenchOptions, ours: Live) -> dict:
     rounds, then `opts.steps` timed ones, recorded under "rounds"); {"skipped": why} when it cannot run."""
     peer_opts = dataclasses.replace(opts, architecture=peer.architecture, interleave=True)
     live = Live(peer.module, peer_opts, peer_env())
-    timed = rounds.alternate(ours, live, opts.steps, opts.warmup) if live.ready else None
+    try:
+        timed = rounds.alternate(ours, live, opts.steps, opts.warmup) if live.ready else None
+    except BaseException:  # ours failed, or an interrupt: the peer would wait on its stdin
+        live.abort()
+        raise
     result = live.finish()
     return result if timed is None else {**result, "rounds": timed}
 
