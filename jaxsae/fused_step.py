@@ -74,17 +74,19 @@ def _tap_gradients_one(
     scale: jax.Array, layer: jax.Array,
 ) -> tuple[jax.Array, Selection, dict, Taps, LossOut]:
     """`tap_gradients` of one SAE (leaves without the S axis). The [b, d] arrays that several kernels
-    read (the scaled and the centred rows; the taps' gradients, in sparse_sae_loss) are kept
-    (jaxsae.kernels.cpu.keep): XLA would otherwise recompute them in one fusion per consumer and shape,
-    each its own [b, d] buffer."""
+    read (the centred rows; the taps' gradients, in sparse_sae_loss) are kept (jaxsae.kernels.cpu.keep):
+    XLA would otherwise recompute them in one fusion per consumer and shape, each its own [b, d] buffer.
+    The scaled rows are read only through the centred ones: never an array of their own."""
     both = {**params, **fixed}
-    rows = ops.keep(x[layer] * scale)
+    rows = x[layer] * scale
     centred = ops.keep(rows - params["b_dec"])
     sel = select(cfg, both, rows, dead, hp, k_max=k_max, centred=centred)
     small = {n: v for n, v in params.items() if n not in _MATRICES}
 
     def loss(small: dict, taps: Taps):
-        return sparse_sae_loss(cfg, {**both, **small}, rows, dead, hp, k_max=k_max, selection=sel, taps=taps)
+        return sparse_sae_loss(
+            cfg, {**both, **small}, rows, dead, hp, k_max=k_max, selection=sel, taps=taps, centred=centred
+        )
 
     (g_small, g_taps), out = jax.grad(loss, argnums=(0, 1), has_aux=True)(small, zero_taps(sel, rows))
     return centred, sel, g_small, g_taps, out
@@ -99,14 +101,21 @@ def per_device(
     not finite, or whose codes are not exact (out.metrics["exact"], jumprelu's), keeps its values."""
     tc = cfg.train
     centred, sel, g_small, g_taps, out = tap_gradients(cfg, params, fixed, x, dead, hp, scale, layer)
-    ok = optimizer.finite_per_sae(out.metrics["loss"], (g_small, g_taps)) & todo & (out.metrics["exact"] == 1)
+    # The [b, d] taps' gradients are the loss's errors scaled (ops.error_sums): finite where the loss is.
+    checked = (g_small, g_taps.pre, g_taps.aux_pre)
+    ok = optimizer.finite_per_sae(out.metrics["loss"], checked) & todo & (out.metrics["exact"] == 1)
     h, flags = optimizer.hyper(tc, opt_state, {}, {}, ok)
     mu, nu = optimizer.moments(tc, opt_state)
     new = {n: kernel("adam")(params[n], mu[n], nu[n], g, h, flags, False) for n, g in g_small.items()}
-    # Empty slots (idx −1) are skipped by the scatters: no masking of the values needed.
-    codes = per_sae(lambda p, pre, idx: codes_at(cfg.sae, p, pre, idx)[0])
-    main = (sel.row, sel.idx, codes({**params, **fixed}, sel.pre, sel.idx))  # as the decodes read them
-    aux = (sel.aux_row, sel.aux_idx, jax.nn.relu(sel.aux_pre))  # jumprelu: no slots
+    # The codes as the decodes read them. Empty slots (idx −1) are skipped by the scatters: no masking
+    # needed. TopK's, BatchTopK's and aux-k's selections take positive entries only (every backend), so
+    # their ReLU is the identity: the pre-activations are read as they are, not copied.
+    main_codes = sel.pre
+    if cfg.sae.architecture == "jumprelu":
+        codes = per_sae(lambda p, pre, idx: codes_at(cfg.sae, p, pre, idx)[0])
+        main_codes = codes({**params, **fixed}, sel.pre, sel.idx)
+    main = (sel.row, sel.idx, main_codes)
+    aux = (sel.aux_row, sel.aux_idx, sel.aux_pre)  # jumprelu: no slots
     # jumprelu has no aux slots, so y_b is never read: passing main keeps its zero aux gradient out of memory.
     aux_y = g_taps.main if cfg.sae.architecture == "jumprelu" else g_taps.aux
     new["W_dec"] = kernel("scatter_adam")(

@@ -17,6 +17,7 @@ from jax import lax
 
 from jaxsae.activations import heaviside
 from jaxsae.config import SAEConfig
+from jaxsae.kernels import ops
 from jaxsae.sae import Params, activate, matmul, pre_activations
 from jaxsae.selection import psum, topk_mask, vary
 
@@ -58,16 +59,18 @@ def sae_loss(
     codes, smallest = activate(
         cfg, params, pre, training=True, k=hp.k, k_max=k_max, data=axes.data, model=axes.model
     )
-    x_hat = psum(matmul(codes, params["W_dec"], cfg.dtype), axes.model) + params["b_dec"]
-    err = x - x_hat
-    recon = psum(jnp.sum(err**2), axes.data) / n_rows
+    decoded = psum(matmul(codes, params["W_dec"], cfg.dtype), axes.model)  # x̂ − b_dec
+    err = (x - params["b_dec"]) - decoded  # x − x̂, rounded as jaxsae.sparse_loss has it
+    squared_error = psum(jnp.sum(err**2), axes.data)
+    recon = squared_error / n_rows
     sparsity = hp.sparsity_coefficient * sparsity_penalty(cfg, params, pre, codes, axes) / n_rows
     aux = jnp.zeros(())
     if cfg.architecture in ("topk", "batchtopk"):
         aux = hp.aux_k_coefficient * aux_k_loss(params, pre, lax.stop_gradient(err), dead, axes, cfg.dtype)
     loss = recon + sparsity + aux
     fired = codes != 0
-    metrics = reconstruction_metrics(x, x_hat, jnp.sum(fired, dtype=jnp.float32), axes)
+    n_fired = jnp.sum(fired, dtype=jnp.float32)
+    metrics = metrics_of_sums(squared_error, total_variance(x, axes), n_fired, x.shape, axes)
     metrics.update(loss=loss, recon_loss=recon, sparsity_loss=sparsity, aux_loss=aux)
     fire_count = psum(jnp.sum(fired, axis=0, dtype=jnp.int32), axes.data)
     return loss, LossOut(fire_count, smallest, metrics)
@@ -112,7 +115,7 @@ def total_variance(x: jax.Array, axes: Axes) -> jax.Array:
     """Σ ‖x − x̄‖² over the global batch; x̄ is the global row mean."""
     n = psum(x.shape[0], axes.data)
     mean = psum(jnp.sum(x, axis=0), axes.data) / n
-    return jnp.maximum(psum(jnp.sum((x - mean) ** 2), axes.data), 1e-12)
+    return jnp.maximum(psum(ops.sum_squares(x, mean), axes.data), 1e-12)
 
 
 def reconstruction_metrics(
@@ -120,8 +123,16 @@ def reconstruction_metrics(
 ) -> dict[str, jax.Array]:
     """MSE (per element), normalised MSE (‖x − x̂‖² / ‖x − x̄‖²), FVE = 1 − nMSE, mean L0 (from
     `n_fired`, this device's count of nonzero codes)."""
-    n = psum(x.shape[0], axes.data)
-    err = psum(jnp.sum((x - x_hat) ** 2), axes.data)
-    nmse = err / total_variance(x, axes)
+    squared_error = psum(jnp.sum((x - x_hat) ** 2), axes.data)
+    return metrics_of_sums(squared_error, total_variance(x, axes), n_fired, x.shape, axes)
+
+
+def metrics_of_sums(
+    squared_error: jax.Array, variance: jax.Array, n_fired: jax.Array, shape: tuple[int, int], axes: Axes
+) -> dict[str, jax.Array]:
+    """reconstruction_metrics from ‖x − x̂‖² and ‖x − x̄‖² summed over the global batch, with x's
+    local shape [b, d_in]."""
+    n = psum(shape[0], axes.data)
+    nmse = squared_error / variance
     l0 = psum(jnp.asarray(n_fired, jnp.float32), tuple(a for a in axes if a)) / n
-    return {"mse": err / (n * x.shape[1]), "nmse": nmse, "fve": 1.0 - nmse, "l0": l0}
+    return {"mse": squared_error / (n * shape[1]), "nmse": nmse, "fve": 1.0 - nmse, "l0": l0}

@@ -17,7 +17,7 @@ from jax import lax
 from jaxsae.activations import heaviside, jumprelu
 from jaxsae.config import SAEConfig
 from jaxsae.kernels import ops
-from jaxsae.losses import ONE_DEVICE, Axes, LossHParams, LossOut, reconstruction_metrics, total_variance
+from jaxsae.losses import ONE_DEVICE, Axes, LossHParams, LossOut, metrics_of_sums, total_variance
 from jaxsae.sae import Params
 from jaxsae.selection import psum
 
@@ -110,37 +110,54 @@ def sparse_sae_loss(
     axes: Axes = ONE_DEVICE,
     selection: Selection | None = None,
     taps: Taps | None = None,
+    centred: jax.Array | None = None,
 ) -> tuple[jax.Array, LossOut]:
     """Same contract as jaxsae.losses.sae_loss (where `selection.exact`); a `model` axis, if named, must
     have size 1. `selection`: the codes from `select`, if already chosen (the step does, to decide
     between this loss and the dense one). `taps`: zeros added where W_dec's and W_enc's gradients are
-    read (their gradients are those inputs of the scatters)."""
+    read (their gradients are those inputs of the scatters). `centred`: x − b_dec (with params' b_dec),
+    where the caller has it. Its [b, d] arrays: centred, the two decodes, their errors and the errors'
+    gradients, each written over the one before (ops.error_sums); x is read only through centred."""
     if axes.model is not None and lax.axis_size(axes.model) != 1:
         raise ValueError("the sparse loss needs unsplit latents (mesh model axis of size 1)")
     b, n_latents = x.shape[0], params["W_enc"].shape[1]
     n_rows = psum(b, axes.data)
-    sel = select(cfg, params, x, dead, hp, k_max, axes) if selection is None else selection
+    b_dec = params["b_dec"]
+    # A constant of the loss: b_dec's gradients reach b_dec through selected_pre and `decoded` below.
+    centred = lax.stop_gradient(x - b_dec) if centred is None else centred
+    sel = select(cfg, params, x, dead, hp, k_max, axes, centred) if selection is None else selection
     row, idx = sel.row, sel.idx
     taps = Taps(0.0, 0.0, 0.0, 0.0) if taps is None else taps
     # The cotangents of the taps' sums reach the taps and the kernels' backward passes: kept once.
-    pre = ops.selected_pre(sel.pre, x, params["W_enc"], params["b_enc"], params["b_dec"], row, idx)
+    pre = ops.selected_pre(sel.pre, centred, params["W_enc"], params["b_enc"], b_dec, row, idx)
     codes, sparsity = codes_at(cfg, params, ops.keep_cotangent(pre + taps.pre), idx)
-    x_hat = ops.keep_cotangent(ops.decode(row, idx, codes, params["W_dec"], b) + taps.main) + params["b_dec"]
-    err = x - x_hat
-    recon = psum(jnp.sum(err**2), axes.data) / n_rows
+    # x̂ − b_dec. Its cotangent (as aux_hat's) is error_sums' gradient kernel's output: one buffer already.
+    decoded = ops.decode(row, idx, codes, params["W_dec"], b) + taps.main
+    has_aux = cfg.architecture != "jumprelu"
+    no_aux = jnp.zeros((0, x.shape[-1]), jnp.float32)
+    aux_hat = aux_k_decode(params, sel, centred, taps) if has_aux else no_aux
+    # err = centred − decoded = x − x̂; aux-k reconstructs stop_gradient(err) with aux_hat.
+    sq_err, sq_aux, err_rows = ops.error_sums(centred, decoded, aux_hat, b_dec)
+    squared_error = psum(sq_err, axes.data)
+    recon = squared_error / n_rows
     sparsity = hp.sparsity_coefficient * psum(sparsity, axes.data) / n_rows
     aux = jnp.zeros(())
-    if cfg.architecture != "jumprelu":
-        residual = lax.stop_gradient(err)
-        aux = hp.aux_k_coefficient * sparse_aux_k_loss(params, sel, x, residual, dead, axes, taps)
+    if has_aux:
+        # Σ ‖err − mean err‖² over the global batch, from the sums (no gradient: err is a constant there).
+        sums = lax.stop_gradient((squared_error, psum(err_rows, axes.data)))
+        variance = jnp.maximum(sums[0] - jnp.sum(sums[1] ** 2) / n_rows, 1e-12)
+        aux_loss = jnp.where(jnp.sum(dead) > 0, psum(sq_aux, axes.data) / variance, 0.0)
+        aux = hp.aux_k_coefficient * aux_loss
     loss = recon + sparsity + aux
     fired = codes != 0
-    metrics = reconstruction_metrics(x, x_hat, jnp.sum(fired, dtype=jnp.float32), axes)
+    # ‖x − x̄‖² from centred: the same (b_dec shifts every row alike), without x as an array of its own.
+    variance = total_variance(lax.stop_gradient(centred), axes)
+    metrics = metrics_of_sums(squared_error, variance, jnp.sum(fired, dtype=jnp.float32), x.shape, axes)
     metrics.update(loss=loss, recon_loss=recon, sparsity_loss=sparsity, aux_loss=aux)
     # 1.0 where every data shard's codes are exact (jumprelu's may not fit; the step then has the dense
     # step redo this SAE's batch, see jaxsae.step); popped by the step, never logged.
     metrics["exact"] = (psum(jnp.sum(~sel.exact, dtype=jnp.int32), axes.data) == 0).astype(jnp.float32)
-    fire_count = psum(ops.fire_count(idx, fired, n_latents), axes.data)
+    fire_count = psum(ops.fire_count(row, idx, fired, n_latents, b), axes.data)
     smallest = sel.smallest
     # The params are typed as varying over the (size-1) model axis; a mean over it is the identity
     # that makes the scalars model-invariant, as the dense loss's psums over `model` do.
@@ -153,7 +170,9 @@ def codes_at(cfg: SAEConfig, params: Params, sel: jax.Array, idx: jax.Array) -> 
     over them (as jaxsae.losses.sparsity_penalty; entries outside the slots add 0 to it and its
     gradient: below θ − ε/2 both H and its pseudo-derivative vanish)."""
     if cfg.architecture != "jumprelu":
-        return jax.nn.relu(sel), jnp.zeros(())
+        # TopK's and BatchTopK's selections hold positive values only (0 in empty slots, on every
+        # backend): their ReLU is the identity, and its gate would only copy the gradient.
+        return sel, jnp.zeros(())
     theta = jnp.exp(params["log_threshold"])[jnp.maximum(idx, 0)]
     sel = jnp.where(idx >= 0, sel, -jnp.inf)  # empty slots: no code, no penalty, no gradient
     codes = jumprelu(sel, theta, cfg.jumprelu_bandwidth)
@@ -186,13 +205,10 @@ def _pmean(axis: str | None, v: jax.Array) -> jax.Array:
     return lax.pmean(v, axis) if axis else v
 
 
-def sparse_aux_k_loss(
-    params: Params, sel: Selection, x: jax.Array, residual: jax.Array, dead: jax.Array, axes: Axes, taps: Taps
-) -> jax.Array:
-    """jaxsae.losses.aux_k_loss with the k_aux largest dead latents of each row (`sel`'s aux codes)."""
+def aux_k_decode(params: Params, sel: Selection, centred: jax.Array, taps: Taps) -> jax.Array:
+    """[b, d]: aux-k's reconstruction of the residual from the k_aux largest dead latents of each row
+    (`sel`'s aux codes; no b_dec), as in jaxsae.losses.aux_k_loss; centred = x − b_dec."""
     row, idx = sel.aux_row, sel.aux_idx
-    pre = ops.selected_pre(sel.aux_pre, x, params["W_enc"], params["b_enc"], params["b_dec"], row, idx)
-    codes = jax.nn.relu(ops.keep_cotangent(pre + taps.aux_pre))
-    aux_hat = ops.keep_cotangent(ops.decode(row, idx, codes, params["W_dec"], x.shape[0]) + taps.aux)
-    loss = psum(jnp.sum((residual - aux_hat) ** 2), axes.data) / total_variance(residual, axes)
-    return jnp.where(jnp.sum(dead) > 0, loss, 0.0)
+    pre = ops.selected_pre(sel.aux_pre, centred, params["W_enc"], params["b_enc"], params["b_dec"], row, idx)
+    codes = ops.keep_cotangent(pre + taps.aux_pre)  # positive where selected, as codes_at's
+    return ops.decode(row, idx, codes, params["W_dec"], centred.shape[0]) + taps.aux

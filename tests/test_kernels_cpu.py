@@ -3,6 +3,7 @@ rounding; under jit, vmap (sequential) and shard_map on a 2-device mesh."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from functools import partial
 
@@ -188,12 +189,35 @@ def wide_encoder(rng: np.random.Generator, rows: int, d: int, n_latents: int, to
 needs_screen = pytest.mark.skipif(not cpu.available() or not cpu.can_screen(), reason="no AVX512-BF16 screen")
 
 
+@contextlib.contextmanager
+def screen_groups(latents: int):
+    """The screen's column groups: 0 (the default) makes one at these shapes; 48 latents several, where a
+    row's floor tightens from group to group (the first groups' extra candidates dropped)."""
+    cpu.set_screen_group(latents)
+    try:
+        yield
+    finally:
+        cpu.set_screen_group(0)
+
+
+@pytest.fixture(params=[0, 48], ids=["one column group", "groups of 48 latents"])
+def screen_group(request):
+    with screen_groups(request.param):
+        yield
+
+
+@pytest.fixture
+def screen_group_48():
+    with screen_groups(48):
+        yield
+
+
 @needs_screen
 @pytest.mark.parametrize("rows,n_latents,k,size", [(600, 512, 16, 20), (300, 1000, 50, 50), (7, 10, 9, 9)])
-def test_screened_encode_topk_equals_reference(rows, n_latents, k, size):
+def test_screened_encode_topk_equals_reference(rows, n_latents, k, size, screen_group):
     """encode_topk with the bfloat16 screen required (an error if it fell back) selects as on float32
     values: ids and values bit for bit, on inputs that bfloat16 rounds (see wide_encoder); aux-k's mask
-    with few latents and with many."""
+    with few latents and with many; in one column group and in several."""
     rng = np.random.default_rng(11)
     x, w, b = wide_encoder(rng, rows, 8, n_latents)
     mask = rng.random(n_latents) < 0.9
@@ -326,15 +350,19 @@ BATCHTOPK_CASES = ["guess holds", "first rows smaller", "first rows larger", "al
 SCREENED_PASSES = {"first rows larger": 3}
 
 
-@pytest.mark.parametrize("screen", ["off", "required"])
+@pytest.mark.parametrize("screen", ["off", "required", "required, groups of 48 latents"])
 @pytest.mark.parametrize("case", BATCHTOPK_CASES)
-def test_encode_batchtopk_equals_encode_then_select(case, screen):
+def test_encode_batchtopk_equals_encode_then_select(case, screen, request):
     """The fused BatchTopK kernel equals the composition that defines it (encode_histogram,
     select_batchtopk, topk_rows of aux-k, values at the slots) bit for bit, in one, two or three passes;
     with the screen required, on inputs that bfloat16 rounds (the unscreened passes after a screened one
-    that could not select: "required" then only asks that the screen ran)."""
+    that could not select: "required" then only asks that the screen ran), in one column group and in
+    several (the guess then from group 0's columns of the sampled rows)."""
     if screen != "off" and not cpu.can_screen():
         pytest.skip("no AVX512-BF16 screen")
+    if screen.endswith("groups of 48 latents"):
+        request.getfixturevalue("screen_group_48")
+        screen = "required"
     x, w, b, k, passes = _batchtopk_case(case, np.random.default_rng(4), wide=screen != "off")
     if screen != "off" and passes is not None:
         passes = SCREENED_PASSES.get(case, 1)
@@ -487,3 +515,17 @@ def test_primitives_have_no_gradient():
     w = rng.standard_normal((10, 5)).astype(np.float32)
     with pytest.raises(Exception):  # noqa: B017 - JAX's error type for a missing JVP rule is internal
         jax.grad(lambda w: cpu.gather_sum(row, idx, val, w, 4).sum())(w)
+
+
+def test_sum_squares_equals_float64():
+    """sum_squares (rows in float32 lanes, summed in double) against numpy in float64, with a mean
+    shift and rows of 13 (the eight-lane loop and its tail); and its gradient against autodiff's."""
+    rng = np.random.default_rng(8)
+    a = rng.normal(3.0, 1.0, (301, 13)).astype(np.float32)
+    mean = a.mean(axis=0)
+    want = np.sum((a.astype(np.float64) - mean) ** 2)
+    np.testing.assert_allclose(float(cpu.sum_squares(a, mean)), want, rtol=1e-6)
+    got = jax.grad(ops.sum_squares, argnums=(0, 1))(jnp.asarray(a), jnp.asarray(mean))
+    want = jax.grad(lambda a, m: jnp.sum((a - m) ** 2), argnums=(0, 1))(jnp.asarray(a), jnp.asarray(mean))
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)

@@ -198,3 +198,60 @@ def test_sparse_kernels_are_refused_where_they_do_not_apply():
 def test_unknown_kernels_option_is_a_config_error():
     with pytest.raises(ConfigError, match="train.kernels"):
         dataclasses.replace(TrainConfig(), kernels="fast")
+
+
+@pytest.mark.parametrize("with_aux", [True, False])
+def test_error_sums_equal_their_definition_in_value_and_gradient(backend, with_aux):
+    """ops.error_sums (on the CPU: the errors, then their gradients, written over the decodes) equals
+    its definition by jnp and autodiff, e = x − (decoded + b_dec) and a = stop_gradient(e) − aux_hat,
+    for every output's cotangent; rows of 13 (the kernels' eight-lane loops and their tails)."""
+    from jax import lax
+
+    from jaxsae.kernels import ops
+
+    rng = np.random.default_rng(5)
+    b, d = 37, 13
+    x, dec, aux = (jnp.asarray(rng.normal(size=(b, d)).astype(np.float32)) for _ in range(3))
+    aux = aux if with_aux else jnp.zeros((0, d), jnp.float32)
+    b_dec = jnp.asarray(rng.normal(size=d).astype(np.float32))
+    weights = jnp.asarray(rng.normal(size=d + 2).astype(np.float32))
+
+    def definition(dec, aux, b_dec):
+        e = x - (dec + b_dec)
+        a = lax.stop_gradient(e) - aux if with_aux else aux
+        return jnp.sum(e**2), jnp.sum(a**2), jnp.sum(e, axis=0)
+
+    def fused(dec, aux, b_dec):
+        return ops.error_sums(x - lax.stop_gradient(b_dec), dec, aux, b_dec)
+
+    def weighted(f):
+        def total(*args):
+            squared, aux_squared, rows = f(*args)
+            return weights[0] * squared + weights[1] * aux_squared + jnp.dot(weights[2:], rows)
+
+        return jax.jit(jax.value_and_grad(total, argnums=(0, 1, 2)))
+
+    for got, want in zip(jax.jit(fused)(dec, aux, b_dec), definition(dec, aux, b_dec), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    (v_got, g_got), (v_want, g_want) = weighted(fused)(dec, aux, b_dec), weighted(definition)(dec, aux, b_dec)
+    np.testing.assert_allclose(v_got, v_want, rtol=1e-5)
+    for got, want, name in zip(g_got, g_want, ("decoded", "aux_hat", "b_dec"), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
+def test_selections_hold_positive_codes_and_zeros_in_empty_slots(backend, arch):
+    """The contract the sparse step reads the selections by (ops.selected_pre returns their values as
+    they are; topk's and batchtopk's codes skip the ReLU): values > 0 at selected slots of topk,
+    batchtopk and aux-k, and 0 in every empty slot."""
+    from jaxsae.sparse_loss import select
+
+    cfg, params, x, dead, hp = _problem(arch, ties=True)
+    params["b_enc"] = params["b_enc"] - 0.5  # many non-positive pre-activations: rows with fewer than k
+    sel = jax.jit(lambda p, x: select(cfg, p, x, dead, hp, 4))(params, x)
+    for idx, val in ((sel.idx, sel.pre), (sel.aux_idx, sel.aux_pre)):
+        idx, val = np.asarray(idx), np.asarray(val)
+        np.testing.assert_array_equal(val[idx < 0], 0.0)
+        if arch != "jumprelu":  # jumprelu keeps the band below θ, which may be ≤ 0
+            assert np.all(val[idx >= 0] > 0)
+    assert np.sum(np.asarray(sel.idx) >= 0) > 0

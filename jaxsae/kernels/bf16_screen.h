@@ -27,7 +27,7 @@ constexpr int64_t kVecs = 3;            // 16-float vectors per micro-tile row
 constexpr int64_t kCols = 16 * kVecs;   // latents per panel of the packed weights
 constexpr int64_t kBlock = 16;          // latents per block maximum
 
-// w [d, F] row-major in bfloat16, as panels [panels][pairs][kCols][2]: latent c of a panel holds
+// w [d, F] (row stride ld) in bfloat16, as panels [panels][pairs][kCols][2]: latent c of a panel holds
 // (w[2p, c], w[2p + 1, c]) at pair p (vdpbf16ps's operand layout; zero past d and F), and the largest
 // column norms of w, w̃ and w − w̃, which bound the screen's error (norm NaN when w is not finite).
 struct Weights {
@@ -57,9 +57,10 @@ inline __m512i PackPairs(const float* w0, const float* w1, __m512* s, __m512* sr
   return _mm512_or_si512(h0, _mm512_slli_epi32(h1, 16));
 }
 
-// The weights packed for the screen, in parallel over panels; the column sums of squares in float32
-// (relative error about d·2⁻²⁴, within the bound's 1% to spare).
-inline Weights Pack(const float* w, int64_t d, int64_t F) {
+// The weights w [d, F] (row stride ld: F columns of a wider matrix) packed for the screen, in parallel
+// over panels; the column sums of squares in float32 (relative error about d·2⁻²⁴, within the bound's 1%
+// to spare).
+inline Weights Pack(const float* w, int64_t d, int64_t F, int64_t ld) {
   Weights p;
   p.d = d;
   p.F = F;
@@ -75,7 +76,7 @@ inline Weights Pack(const float* w, int64_t d, int64_t F) {
     __m512 s[kVecs], sr[kVecs], se[kVecs];
     for (int j = 0; j < kVecs; ++j) s[j] = sr[j] = se[j] = _mm512_setzero_ps();
     for (int64_t i = 0; i < p.pairs; ++i) {
-      const float *w0 = w + 2 * i * F + f0, *w1 = 2 * i + 1 < d ? w0 + F : nullptr;
+      const float *w0 = w + 2 * i * ld + f0, *w1 = 2 * i + 1 < d ? w0 + ld : nullptr;
       if (nc < kCols) {  // the last panel: through zero-padded copies
         std::fill(&tail[0][0], &tail[0][0] + 2 * kCols, 0.0f);
         std::copy(w0, w0 + nc, tail[0]);

@@ -41,6 +41,9 @@ _TARGETS = {
     "scatter_adam_rows": "JaxsaeScatterAdamRows",
     "scatter_adam_cols": "JaxsaeScatterAdamCols",
     "keep": "JaxsaeKeep",
+    "sum_squares": "JaxsaeSumSquares",
+    "reconstruction_errors": "JaxsaeReconstructionErrors",
+    "scale_shift": "JaxsaeScaleShift",
 }
 
 
@@ -69,6 +72,12 @@ def set_tile(tile: int) -> None:
     _library().jaxsae_set_tile(ctypes.c_int64(tile))
 
 
+def set_screen_group(latents: int) -> None:
+    """Latents per column group of the bfloat16 screen (rounded down to a multiple of 48; 0: the
+    default, groups of at most 4 MB of packed weights). For tests: several groups on small shapes."""
+    _library().jaxsae_set_screen_group(ctypes.c_int64(latents))
+
+
 # encode_topk / encode_batchtopk's `screen`: off; auto (the bfloat16 screen where the library has it and
 # the inputs allow, see bf16_screen.h); required (for tests: an error when encode_topk selected without
 # it, or encode_batchtopk ran no screened pass; its passes then say whether that pass selected).
@@ -95,6 +104,33 @@ def keep(x: jax.Array) -> jax.Array:
     _library()
     out = jax.ShapeDtypeStruct(x.shape, x.dtype)
     return jax.ffi.ffi_call("jaxsae_keep", out, input_output_aliases={0: 0}, vmap_method="expand_dims")(x)
+
+
+def sum_squares(a: jax.Array, mean: jax.Array) -> jax.Array:
+    """f32[]: Σ (a[r] − mean)² over the rows of a [R, d] (mean [d]), rows summed in double; reads a once
+    and writes nothing (see the kernel: XLA would write (a − mean)² out first)."""
+    return _call("sum_squares", jax.ShapeDtypeStruct((), jnp.float32), _f32(a), _f32(mean))
+
+
+def reconstruction_errors(
+    centred: jax.Array, decoded: jax.Array, aux_hat: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(e, a, sums): e = centred − decoded [b, d] (over decoded's buffer), a = e − aux_hat (over aux_hat's;
+    aux_hat [0, d]: none), sums [d + 2] = (Σ e², Σ a², Σ over rows of e), rows summed in double."""
+    _library()
+    out = (jax.ShapeDtypeStruct(decoded.shape, jnp.float32), jax.ShapeDtypeStruct(aux_hat.shape, jnp.float32),
+           jax.ShapeDtypeStruct((decoded.shape[1] + 2,), jnp.float32))
+    call = jax.ffi.ffi_call("jaxsae_reconstruction_errors", out, input_output_aliases={1: 0, 2: 1},
+                            vmap_method="sequential")
+    return call(_f32(centred), _f32(decoded), _f32(aux_hat))
+
+
+def scale_shift(a: jax.Array, s: jax.Array, v: jax.Array) -> jax.Array:
+    """s · a + v (a [R, d], s [], v [d]), written over a's buffer."""
+    _library()
+    out = jax.ShapeDtypeStruct(a.shape, jnp.float32)
+    call = jax.ffi.ffi_call("jaxsae_scale_shift", out, input_output_aliases={0: 0}, vmap_method="sequential")
+    return call(_f32(a), _f32(s), _f32(v))
 
 
 def _f32(x: jax.Array) -> jax.Array:

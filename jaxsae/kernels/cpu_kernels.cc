@@ -682,35 +682,6 @@ struct RowTopk {
     few = (int64_t)ids.size() * 16 < F;  // a few allowed latents: random reads beat a scan of the row
     all = (int64_t)ids.size() == F;
   }
-  // A value v with at least k allowed entries >= v (0 when fewer than k are positive; +inf when k is 0):
-  // a lower bound of the k-th largest allowed entry, for the screen. With every latent allowed and
-  // enough blocks, the k-th largest of the row's block maxima block_max [ceil(F / 16)], without reading
-  // the row.
-  float LowerBound(const float* a, const float* block_max, TopkScratch& sc) const {
-    if (k == 0) return INFINITY;
-    int32_t t = 1;
-    const int64_t nb = (F + screen::kBlock - 1) / screen::kBlock;
-    if (all && nb >= 4 * k) {
-      int32_t* v = sc.bits.data();
-      for (int64_t j = 0; j < nb; ++j) v[j] = PositiveBits(block_max[j]);
-      std::nth_element(v, v + (k - 1), v + nb, std::greater<int32_t>());
-      t = std::max<int32_t>(1, v[k - 1]);
-    } else if (few) {
-      int32_t* v = sc.bits.data();
-      int64_t n = 0;
-      for (int64_t f : ids) v[n++] = PositiveBits(a[f]);
-      if (n >= k) {
-        std::nth_element(v, v + (k - 1), v + n, std::greater<int32_t>());
-        t = std::max<int32_t>(1, v[k - 1]);
-      }
-    } else {
-      RowBlocks rb;
-      t = KthBlockMax(a, mask, F, k, sc, rb);
-    }
-    float out;
-    std::memcpy(&out, &t, 4);
-    return t > 1 ? out : 0.0f;
-  }
   void Run(const float* a, TopkScratch& sc, int32_t* out) const {
     if (k == 0)
       std::fill(out, out + size, -1);
@@ -807,14 +778,8 @@ enum ScreenMode : int32_t { kScreenOff = 0, kScreenAuto = 1, kScreenRequired = 2
 
 struct Candidate {
   int32_t row, f;
-  float approx, v;  // v: the exact value once refined
+  float approx, v;  // v: the bound beta of its row and column group until refined, then the exact value
 };
-
-// The lowest approx value a candidate may have, given `kth`, an approx value that k allowed entries
-// reach (their exact values are >= kth − beta, so is the exact threshold; selected values are > 0 too).
-inline float CandidateFloor(float kth, float beta) {
-  return std::isinf(kth) ? kth : std::max(kth - beta, 0.0f) - beta;
-}
 
 // Lanes (0 / -1) of the latents allowed by a mask, for vectorised candidate tests.
 std::vector<int32_t> MaskLanes(const bool* mask, int64_t F) {
@@ -823,13 +788,13 @@ std::vector<int32_t> MaskLanes(const bool* mask, int64_t F) {
   return out;
 }
 
-// Appends the candidates of the approximate row a [F] (block maxima block_max) as (row, f), latents
-// ascending: entries >= floor_main on main's lanes, and >= floor_aux on aux's. Only the blocks whose
-// maximum reaches a floor are read; their cache lines (the row block is far bigger than L2) are all
-// requested before the first is read.
-void ScanRow(const float* a, const float* block_max, int64_t F, int32_t row, float floor_main,
-             const int32_t* lanes_main, float floor_aux, const int32_t* lanes_aux, std::vector<int32_t>& visit,
-             std::vector<Candidate>& out) {
+// Appends the candidates of the approximate row a [F] (latents first + [0, F) of a column group, block
+// maxima block_max, bound beta) as (row, first + f), latents ascending: entries >= floor_main on main's
+// lanes, and >= floor_aux on aux's (lanes from the group's first latent). Only the blocks whose maximum
+// reaches a floor are read; their cache lines are all requested before the first is read.
+void ScanRow(const float* a, const float* block_max, int64_t F, int64_t first, int32_t row, float beta,
+             float floor_main, const int32_t* lanes_main, float floor_aux, const int32_t* lanes_aux,
+             std::vector<int32_t>& visit, std::vector<Candidate>& out) {
   const float lowest = std::min(floor_main, floor_aux);
   visit.clear();
   for (int64_t q = 0; q * screen::kBlock < F; ++q)
@@ -844,7 +809,7 @@ void ScanRow(const float* a, const float* block_max, int64_t F, int32_t row, flo
     if (f0 + screen::kBlock > F) {
       for (int64_t f = f0; f < F; ++f)
         if ((a[f] >= floor_main && lanes_main[f]) || (a[f] >= floor_aux && lanes_aux[f]))
-          out.push_back({row, (int32_t)f, a[f], a[f]});
+          out.push_back({row, (int32_t)(first + f), a[f], beta});
       continue;
     }
     for (int64_t f = f0; f < f0 + screen::kBlock; f += 8) {
@@ -852,7 +817,7 @@ void ScanRow(const float* a, const float* block_max, int64_t F, int32_t row, flo
       const i8 m = ((i8)(v >= fm) & LoadV<i8>(lanes_main + f)) | ((i8)(v >= fa) & LoadV<i8>(lanes_aux + f));
       if (Any(m))
         for (int q8 = 0; q8 < 8; ++q8)
-          if (m[q8]) out.push_back({row, (int32_t)(f + q8), v[q8], v[q8]});
+          if (m[q8]) out.push_back({row, (int32_t)(first + f + q8), v[q8], beta});
     }
   }
 }
@@ -961,31 +926,59 @@ void ForCandidateRows(const std::vector<Candidate>& c, int64_t R, Fn fn) {
   }
 }
 
-// The screen's weights and bias bound, or nothing (JAXSAE_SCREEN off, or w or b not finite).
+// Column groups: the screen's packed weights are held one group of latents at a time (up to
+// kScreenGroupBytes; at d 768, F 24576: 10 groups of 3.8 MB instead of 38 MB at once). Groups go outer,
+// row blocks inner. A row's floor for its top k is the k-th largest lower bound seen in its groups so far
+// (RunningBound), looser in its first groups: their extra candidates are dropped, before the refinement,
+// once the row's last group has tightened it (MergeGroups).
+constexpr int64_t kScreenGroupBytes = 4 << 20;
+int64_t g_screen_group = 0;  // latents per group when > 0 (jaxsae_set_screen_group: tests)
+
+struct ColumnGroups {
+  int64_t count, cols;  // groups; latents per group, a multiple of screen::kCols (the last may hold fewer)
+  int64_t block_rows;   // rows per block, the same in every group (MergeGroups pairs their blocks)
+  int64_t blocks(int64_t R) const { return (R + block_rows - 1) / block_rows; }
+};
+
+ColumnGroups SplitColumns(int64_t d, int64_t F) {
+  const int64_t most_cols = g_screen_group > 0 ? g_screen_group : kScreenGroupBytes / (4 * ((d + 1) / 2));
+  const int64_t most = std::max(screen::kCols, most_cols / screen::kCols * screen::kCols);
+  const int64_t even = (F + (F + most - 1) / most - 1) / ((F + most - 1) / most);  // F over the groups, rounded up
+  const int64_t cols = (even + screen::kCols - 1) / screen::kCols * screen::kCols;
+  return {(F + cols - 1) / cols, cols, EncodeBlockRows(cols, true)};
+}
+
+// One column group's packed weights and the bias bound, or ok false (a weight or bias not finite).
 struct ScreenSetup {
   screen::Weights w;
   float b_max = 0;
   bool ok = false;
 };
 
-ScreenSetup SetUpScreen(const float* w, const float* b, int64_t d, int64_t F, int32_t mode) {
-  ScreenSetup s;
-  if (!JAXSAE_SCREEN || mode == kScreenOff || d == 0 || F == 0) return s;
-  bool b_finite = true;  // max() would drop a NaN
+// The largest |b|, or NaN when b is not finite.
+float BiasBound(const float* b, int64_t F) {
+  bool finite = true;  // max() would drop a NaN
+  float m = 0;
   for (int64_t f = 0; f < F; ++f) {
-    b_finite = b_finite && std::isfinite(b[f]);
-    s.b_max = std::max(s.b_max, std::fabs(b[f]));
+    finite = finite && std::isfinite(b[f]);
+    m = std::max(m, std::fabs(b[f]));
   }
+  return finite ? m : NAN;
+}
+
+ScreenSetup SetUpGroup(const float* w, int64_t d, int64_t F, int64_t f0, int64_t nc, float b_max) {
+  ScreenSetup s;
 #if JAXSAE_SCREEN
-  s.w = screen::Pack(w, d, F);
+  s.w = screen::Pack(w + f0, d, nc, F);
 #endif
-  s.ok = b_finite && std::isfinite(s.w.norm) && std::isfinite(s.w.rounded_norm) &&
-         std::isfinite(s.w.error_norm);
+  s.b_max = b_max;
+  s.ok = std::isfinite(s.w.norm) && std::isfinite(s.w.rounded_norm) && std::isfinite(s.w.error_norm);
   return s;
 }
 
-// Encodes the rows [r0, r0 + n) approximately into buf [n, F], with their bounds (rows.beta [n]) and
-// block maxima block_max [n][ceil(F / 16)]. False when a bound is not finite.
+// Encodes the rows [r0, r0 + n) approximately on one column group into buf [n, nc], with their bounds
+// (rows.beta [n]) and block maxima block_max [n][ceil(nc / 16)]; b: the group's biases. False when a
+// bound is not finite.
 bool ApproxBlock(const ScreenSetup& s, const float* x, const float* b, int64_t r0, int64_t n, screen::Rows& rows,
                  float* buf, float* block_max) {
 #if JAXSAE_SCREEN
@@ -997,6 +990,144 @@ bool ApproxBlock(const ScreenSetup& s, const float* x, const float* b, int64_t r
 #else
   return false;
 #endif
+}
+
+// What a screened pass came to: it could not be used (screen off or unavailable, a weight or bias not
+// finite), it stopped (a row's bound not finite, or the visitor gave up), or it ran over every block.
+enum class Screened { kUnusable, kStopped, kRan };
+
+// One approximate row block of a column group, as the visitor of ForScreenedBlocks sees it.
+struct ApproxRows {
+  int64_t g, f0, nc, q, r0, n;  // group, its latents [f0, f0 + nc); block q, rows [r0, r0 + n)
+  const float* a;               // [n, nc]
+  const float* block_max;       // [n, ceil(nc / 16)]
+  const float* beta;            // [n]
+  int t;                        // the thread
+};
+
+// Runs the screen over the column groups of w (outer) and the row blocks of x (inner, spread over the
+// team): visit(ApproxRows) on the thread that encoded each block; it returns false to stop the pass.
+// With `sample`, the first block of each thread in group 0 goes to sample(ApproxRows) first, then
+// decide() runs on one thread, then those blocks are visited (batchtopk's guess of its threshold).
+template <typename Visit, typename Sample, typename Decide>
+Screened ForScreenedBlocks(const float* x, const float* w, const float* b, int64_t R, int64_t d, int64_t F,
+                           int32_t mode, const ColumnGroups& groups, Visit visit, bool sample, Sample sample_fn,
+                           Decide decide) {
+  if (!JAXSAE_SCREEN || mode == kScreenOff || d == 0 || F == 0 || R == 0) return Screened::kUnusable;
+  const float b_max = BiasBound(b, F);
+  if (!std::isfinite(b_max)) return Screened::kUnusable;
+  std::atomic<bool> stopped{false};
+  const FpMode fp;
+  for (int64_t g = 0; g < groups.count && !stopped.load(); ++g) {
+    const int64_t f0 = g * groups.cols, nc = std::min(groups.cols, F - f0);
+    const ScreenSetup s = SetUpGroup(w, d, F, f0, nc, b_max);
+    if (!s.ok) return Screened::kUnusable;
+    const int64_t blk = groups.block_rows, nb = groups.blocks(R), n_blocks = (nc + screen::kBlock - 1) / screen::kBlock;
+#pragma omp parallel
+    {
+      FpScope scope(fp);
+      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+      std::vector<float> buf(blk * nc), block_max(blk * n_blocks);
+      screen::Rows rows;
+      auto encode = [&](int64_t q) {
+        const int64_t r0 = q * blk, n = std::min(blk, R - r0);
+        if (stopped.load() || !ApproxBlock(s, x, b + f0, r0, n, rows, buf.data(), block_max.data())) {
+          stopped = true;
+          return ApproxRows{};
+        }
+        return ApproxRows{g, f0, nc, q, r0, n, buf.data(), block_max.data(), rows.beta.data(), t};
+      };
+      auto run = [&](const ApproxRows& block) {
+        if (block.a != nullptr && !stopped.load() && !visit(block)) stopped = true;
+      };
+      const int64_t first = sample && g == 0 ? std::min<int64_t>(nt, nb) : 0;
+      ApproxRows mine{};
+      if (t < first) {
+        mine = encode(t);
+        if (mine.a != nullptr) sample_fn(mine);
+      }
+      if (first > 0) {
+#pragma omp barrier
+#pragma omp single
+        decide();
+      }
+      if (t < first) run(mine);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t q = first; q < nb; ++q) run(encode(q));
+    }
+  }
+  return stopped.load() ? Screened::kStopped : Screened::kRan;
+}
+
+// Per row, the k largest lower bounds (as PositiveBits) of the exact values of distinct allowed entries
+// seen so far in the row's column groups: the smallest of them is a lower bound of the row's k-th
+// largest allowed exact value (0 while fewer than k are positive). With every latent allowed and enough
+// blocks, a group contributes its block maxima less beta, else its allowed entries less beta.
+class RunningBound {
+ public:
+  RunningBound(const RowTopk& sel, int64_t R, bool used)
+      : k_(used ? sel.k : 0), blocks_(sel.all && (sel.F + screen::kBlock - 1) / screen::kBlock >= 4 * sel.k),
+        top_(R * k_, 0) {}
+  bool used() const { return k_ > 0; }
+  // Adds row r's bounds from one group (a [nc], its block maxima bm, lanes of the allowed latents from
+  // the group's first) and returns the candidates' floor there: the row's bound so far less beta.
+  float Add(int64_t r, const float* a, const float* bm, int64_t nc, const int32_t* lanes, float beta,
+            std::vector<int32_t>& v) {
+    if (!used()) return INFINITY;
+    v.clear();
+    if (blocks_)
+      for (int64_t j = 0; j * screen::kBlock < nc; ++j) v.push_back(PositiveBits(bm[j] - beta));
+    else
+      for (int64_t f = 0; f < nc; ++f)
+        if (lanes[f]) v.push_back(PositiveBits(a[f] - beta));
+    int32_t* top = top_.data() + r * k_;
+    v.insert(v.end(), top, top + k_);
+    std::nth_element(v.begin(), v.begin() + (k_ - 1), v.end(), std::greater<int32_t>());
+    std::copy(v.begin(), v.begin() + k_, top);
+    return Floor(r, beta);
+  }
+  // The floor of row r's candidates with bound beta, from the groups added so far.
+  float Floor(int64_t r, float beta) const {
+    if (!used()) return INFINITY;
+    const int32_t* top = top_.data() + r * k_;
+    const int32_t t = *std::min_element(top, top + k_);
+    float lower;
+    std::memcpy(&lower, &t, 4);
+    return (t > 0 ? lower : 0.0f) - beta;
+  }
+
+ private:
+  int64_t k_;
+  bool blocks_;
+  std::vector<int32_t> top_;  // [R, k]
+};
+
+// The candidates of all groups (lists[g · nb + q]: group g's of row block q, row-major), row-major with
+// latents ascending within a row, keeping those for which keep(c) holds. Frees the lists.
+template <typename Keep>
+std::vector<Candidate> MergeGroups(std::vector<std::vector<Candidate>>& lists, int64_t groups, int64_t nb, Keep keep) {
+  std::vector<std::vector<Candidate>> blocks(nb);
+  const FpMode fp;
+#pragma omp parallel
+  {
+    FpScope scope(fp);
+    std::vector<size_t> at(groups);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t q = 0; q < nb; ++q) {
+      std::fill(at.begin(), at.end(), 0);
+      for (;;) {
+        int32_t row = INT32_MAX;
+        for (int64_t g = 0; g < groups; ++g)
+          if (at[g] < lists[g * nb + q].size()) row = std::min(row, lists[g * nb + q][at[g]].row);
+        if (row == INT32_MAX) break;
+        for (int64_t g = 0; g < groups; ++g)
+          for (const auto& l = lists[g * nb + q]; at[g] < l.size() && l[at[g]].row == row; ++at[g])
+            if (keep(l[at[g]])) blocks[q].push_back(l[at[g]]);
+      }
+      for (int64_t g = 0; g < groups; ++g) std::vector<Candidate>().swap(lists[g * nb + q]);
+    }
+  }
+  return Concatenate(blocks);
 }
 
 // Success, or, when the caller required the screen (tests) and the kernel ran without it, an error
@@ -1011,40 +1142,36 @@ ffi::Error ScreenResult(const char* name, int32_t mode, bool screened) {
 bool EncodeTopkScreened(const float* x, const float* w, const float* b, int64_t R, int64_t d, int64_t F,
                         const RowTopk& main, const RowTopk& aux, int32_t mode, int32_t* idx, float* val,
                         int32_t* aux_idx, float* aux_val) {
-  ScreenSetup s = SetUpScreen(w, b, d, F, mode);
-  if (!s.ok) return false;
   const std::vector<int32_t> lanes_main = MaskLanes(reinterpret_cast<const bool*>(main.mask), F),
                              lanes_aux = MaskLanes(reinterpret_cast<const bool*>(aux.mask), F);
-  const int64_t blk = EncodeBlockRows(F, true), nb = (R + blk - 1) / blk;
+  const ColumnGroups groups = SplitColumns(d, F);
+  const int64_t nb = groups.blocks(R);
   const int64_t cap = (4 * (main.k + aux.k) + 64) * R;  // candidates beyond: screening does not pay
-  std::vector<std::vector<Candidate>> blocks(nb);
+  RunningBound bound_main(main, R, true), bound_aux(aux, R, !aux.few);
+  std::vector<std::vector<Candidate>> lists(groups.count * nb);
   std::vector<TopkScratch> scratch;
   for (int u = 0; u < omp_get_max_threads(); ++u) scratch.emplace_back(F);
-  const int64_t n_blocks = (F + screen::kBlock - 1) / screen::kBlock;
-  std::vector<std::vector<float>> block_max(omp_get_max_threads(), std::vector<float>(blk * n_blocks));
   std::atomic<int64_t> found{0};
-  std::atomic<bool> failed{false};
-  ForRowBlocks(R, F, true, [&](int64_t r0, int64_t n, float* buf) {
-    screen::Rows rows;
-    float* bm = block_max[omp_get_thread_num()].data();
-    if (failed.load() || !ApproxBlock(s, x, b, r0, n, rows, buf, bm)) {
-      failed = true;
-      return;
+  auto visit = [&](const ApproxRows& z) {
+    TopkScratch& sc = scratch[z.t];
+    std::vector<Candidate>& out = lists[z.g * nb + z.q];
+    const int64_t n_blocks = (z.nc + screen::kBlock - 1) / screen::kBlock;
+    for (int64_t i = 0; i < z.n; ++i) {
+      const float *a = z.a + i * z.nc, *m = z.block_max + i * n_blocks;
+      const int64_t r = z.r0 + i;
+      const float fm = bound_main.Add(r, a, m, z.nc, lanes_main.data() + z.f0, z.beta[i], sc.bits);
+      const float fa = bound_aux.Add(r, a, m, z.nc, lanes_aux.data() + z.f0, z.beta[i], sc.bits);
+      ScanRow(a, m, z.nc, z.f0, (int32_t)r, z.beta[i], fm, lanes_main.data() + z.f0, fa, lanes_aux.data() + z.f0,
+              sc.visit, out);
     }
-    TopkScratch& sc = scratch[omp_get_thread_num()];
-    std::vector<Candidate>& out = blocks[r0 / blk];
-    for (int64_t r = 0; r < n; ++r) {
-      const float *a = buf + r * F, *m = bm + r * n_blocks;
-      const float beta = rows.beta[r];
-      const float floor_aux = aux.few ? INFINITY : CandidateFloor(aux.LowerBound(a, m, sc), beta);
-      ScanRow(a, m, F, (int32_t)(r0 + r), CandidateFloor(main.LowerBound(a, m, sc), beta),
-              lanes_main.data(), floor_aux, lanes_aux.data(), sc.visit, out);
-    }
-    if ((found += (int64_t)out.size()) > cap) failed = true;
-  }, true);
-  if (failed.load()) return false;
-  s.w.w.reset();  // the refinement reads w itself
-  std::vector<Candidate> c = Concatenate(blocks);
+    return (found += (int64_t)out.size()) <= cap;
+  };
+  auto none = [](const ApproxRows&) {};
+  if (ForScreenedBlocks(x, w, b, R, d, F, mode, groups, visit, false, none, [] {}) != Screened::kRan) return false;
+  std::vector<Candidate> c = MergeGroups(lists, groups.count, nb, [&](const Candidate& e) {
+    return (lanes_main[e.f] && e.approx >= bound_main.Floor(e.row, e.v)) ||
+           (lanes_aux[e.f] && e.approx >= bound_aux.Floor(e.row, e.v));
+  });
   Refine(c, x, w, b, d, F);
   ForCandidateRows(c, R, [&](int t, int64_t r, const Candidate* rc, int64_t n) {
     SelectCandidates(rc, n, main, scratch[t], idx + r * main.size, val + r * main.size);
@@ -1370,12 +1497,12 @@ void ForEncodedBlocks(const float* x, const float* w, const float* b, int64_t R,
   });
 }
 
-// The guess of pass 1: the level-0 bin above which the `rows` sampled rows (histograms priv [nt, kBins])
-// hold `margin` times their share of kb, as the bits of the bin's lowest value (1 if none).
-int32_t GuessThreshold(const std::vector<int32_t>& priv, int nt, int64_t rows, int64_t R, int64_t kb,
+// The guess of pass 1: the level-0 bin above which the sampled entries (histograms priv [nt, kBins], a
+// `share` of all entries) hold `margin` times their share of kb, as the bits of the bin's lowest value (1 if none).
+int32_t GuessThreshold(const std::vector<int32_t>& priv, int nt, double share, int64_t kb,
                        double margin = kPoolMargin) {
   const std::vector<int64_t> sample = SumHistograms(priv, nt, kBins / 2);
-  const int64_t want = std::max<int64_t>(1, (int64_t)std::ceil(margin * (double)kb * (double)rows / (double)R));
+  const int64_t want = std::max<int64_t>(1, (int64_t)std::ceil(margin * (double)kb * share));
   int64_t above;
   const int64_t g = TopBin(sample.data(), want, above);
   return g > 0 ? (int32_t)(g << 16) : 1;
@@ -1400,13 +1527,13 @@ void EmitSelection(const std::vector<PoolEntry>& pool, Threshold th, int64_t R, 
   std::memcpy(smallest, &th.bits, 4);
 }
 
-// encode_batchtopk with the screen, in one pass: a guess of the threshold from each thread's first block
-// (the level-0 histogram of its approximate values), then per block the candidates for the pool (approx
-// >= guess − beta) and for aux-k, all refined at the end. The pool is every entry >= guess; when it holds
-// at least kb of them, the threshold is among them (the level-0 and level-1 histograms of the pool
-// alone), and no histogram of the whole batch is needed. The guess asks for kScreenMargin times the
-// sample's share of kb: each extra candidate costs a dot product, a guess above the threshold a whole
-// unscreened pass (the sample is an eighth of the rows at B 4096 on 2 threads). Returns 1 when it
+// encode_batchtopk with the screen, in one pass over the column groups: a guess of the threshold from
+// each thread's first block of group 0 (the level-0 histogram of its approximate values), then per block
+// the candidates for the pool (approx >= guess − beta) and for aux-k, all refined at the end. The pool is
+// every entry >= guess; when it holds at least kb of them, the threshold is among them (the level-0 and
+// level-1 histograms of the pool alone), and no histogram of the whole batch is needed. The guess asks
+// for kScreenMargin times the sample's share of kb: each extra candidate costs a dot product, a guess
+// above the threshold a whole unscreened pass (the sample: 512 rows of group 0 at B 4096, F 24576). Returns 1 when it
 // selected (th, and pool row-major; aux-k written); 0 when the screen cannot be used; -1 when it ran
 // but the candidates would not fit or the guess was above the threshold: then the unscreened passes run.
 constexpr double kScreenMargin = 1.5;
@@ -1414,69 +1541,48 @@ constexpr double kScreenMargin = 1.5;
 int ScreenedBatchPass(const float* x, const float* w, const float* b, int64_t R, int64_t d, int64_t F, int64_t kb,
                       const RowTopk& aux, int32_t mode, int32_t* aux_idx, float* aux_val,
                       std::vector<PoolEntry>& pool, Threshold& th) {
-  ScreenSetup s = SetUpScreen(w, b, d, F, mode);
-  if (!s.ok || kb <= 0) return 0;
+  if (kb <= 0) return 0;
   const std::vector<int32_t> lanes_all = MaskLanes(nullptr, F),
                              lanes_aux = MaskLanes(reinterpret_cast<const bool*>(aux.mask), F);
-  const int64_t blk = EncodeBlockRows(F, true), nb = (R + blk - 1) / blk;
-  const int64_t n_blocks = (F + screen::kBlock - 1) / screen::kBlock;
+  const ColumnGroups groups = SplitColumns(d, F);
+  const int64_t nb = groups.blocks(R);
   const int64_t cap = kPoolRoom * kb + (2 * aux.k + 64) * R;
   const int nt_max = omp_get_max_threads();
   std::vector<int32_t> priv((int64_t)nt_max * kBins, 0);
   std::vector<TopkScratch> scratch;
   for (int u = 0; u < nt_max; ++u) scratch.emplace_back(F);
-  std::vector<std::vector<Candidate>> blocks(nb);
-  std::vector<float> aux_floor(R, INFINITY);  // aux-k's few latents: SelectFewExactly instead
-  std::atomic<int64_t> found{0};
-  std::atomic<bool> failed{false};
+  RunningBound bound_aux(aux, R, !aux.few);  // aux-k's few latents: SelectFewExactly instead
+  std::vector<std::vector<Candidate>> lists(groups.count * nb);
+  std::atomic<int64_t> found{0}, sampled{0};
   int32_t guess = 1;
-  const FpMode fp;
-#pragma omp parallel
-  {
-    FpScope scope(fp);
-    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    std::vector<float> buf(blk * F), block_max(blk * n_blocks);
-    screen::Rows rows;
-    auto encode = [&](int64_t q) {
-      const int64_t r0 = q * blk, n = std::min(blk, R - r0);
-      if (failed.load() || !ApproxBlock(s, x, b, r0, n, rows, buf.data(), block_max.data())) {
-        failed = true;
-        return;
-      }
-      for (int64_t r = 0; r < n && !aux.few; ++r) {
-        const float lower = aux.LowerBound(buf.data() + r * F, block_max.data() + r * n_blocks, scratch[t]);
-        aux_floor[r0 + r] = CandidateFloor(lower, rows.beta[r]);
-      }
-    };
-    auto collect = [&](int64_t q) {
-      const int64_t r0 = q * blk, n = std::min(blk, R - r0);
-      if (failed.load()) return;
-      float g;
-      std::memcpy(&g, &guess, 4);
-      for (int64_t r = 0; r < n; ++r)
-        ScanRow(buf.data() + r * F, block_max.data() + r * n_blocks, F, (int32_t)(r0 + r), g - rows.beta[r],
-                lanes_all.data(), aux_floor[r0 + r], lanes_aux.data(), scratch[t].visit, blocks[q]);
-      if ((found += (int64_t)blocks[q].size()) > cap) failed = true;
-    };
-    const int64_t first = std::min<int64_t>(nt, nb);
-    if (t < first) {
-      encode(t);
-      const int64_t n = std::min(blk, R - t * blk);
-      if (!failed.load()) HistogramLevel0(buf.data(), 0, n * F, priv.data() + (int64_t)t * kBins);
+  float guess_value = 0;
+  auto sample = [&](const ApproxRows& z) {
+    HistogramLevel0(z.a, 0, z.n * z.nc, priv.data() + (int64_t)z.t * kBins);
+    sampled += z.n * z.nc;
+  };
+  auto decide = [&] {
+    guess = GuessThreshold(priv, nt_max, (double)sampled.load() / ((double)R * (double)F), kb, kScreenMargin);
+    std::memcpy(&guess_value, &guess, 4);
+  };
+  auto visit = [&](const ApproxRows& z) {
+    TopkScratch& sc = scratch[z.t];
+    std::vector<Candidate>& out = lists[z.g * nb + z.q];
+    const int64_t n_blocks = (z.nc + screen::kBlock - 1) / screen::kBlock;
+    for (int64_t i = 0; i < z.n; ++i) {
+      const float *a = z.a + i * z.nc, *m = z.block_max + i * n_blocks;
+      const int64_t r = z.r0 + i;
+      const float fa = bound_aux.Add(r, a, m, z.nc, lanes_aux.data() + z.f0, z.beta[i], sc.bits);
+      ScanRow(a, m, z.nc, z.f0, (int32_t)r, z.beta[i], guess_value - z.beta[i], lanes_all.data() + z.f0, fa,
+              lanes_aux.data() + z.f0, sc.visit, out);
     }
-#pragma omp barrier
-#pragma omp single
-    guess = GuessThreshold(priv, nt, std::min(R, first * blk), R, kb, kScreenMargin);
-    if (t < first) collect(t);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t q = first; q < nb; ++q) {
-      encode(q);
-      collect(q);
-    }
-  }
-  if (failed.load()) return -1;
-  s.w.w.reset();  // the refinement reads w itself
-  std::vector<Candidate> c = Concatenate(blocks);
+    return (found += (int64_t)out.size()) <= cap;
+  };
+  const Screened ran = ForScreenedBlocks(x, w, b, R, d, F, mode, groups, visit, true, sample, decide);
+  if (ran == Screened::kUnusable) return 0;
+  if (ran == Screened::kStopped) return -1;
+  std::vector<Candidate> c = MergeGroups(lists, groups.count, nb, [&](const Candidate& e) {
+    return e.approx >= guess_value - e.v || (lanes_aux[e.f] && e.approx >= bound_aux.Floor(e.row, e.v));
+  });
   Refine(c, x, w, b, d, F);
   pool.clear();
   std::vector<int64_t> hist(kBins, 0);
@@ -1556,7 +1662,7 @@ int32_t EncodeBatchTopk(const float* x, const float* w, const float* b, int64_t 
     if (t < first) encode(t);
 #pragma omp barrier
 #pragma omp single
-    guess = GuessThreshold(priv, nt, std::min(R, first * blk), R, kb);
+    guess = GuessThreshold(priv, nt, (double)std::min(R, first * blk) / (double)R, kb);
     if (t < first) collect(t);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t q = first; q < nb; ++q) {
@@ -1635,6 +1741,98 @@ void EncodeAbove(const float* x, const float* w, const float* b, const float* th
     pooled += (int64_t)out.size();
   });
   EmitCodes(Concatenate(blocks), [](const PoolEntry&) { return true; }, R, o);
+}
+
+// ---------------------------------------------------------------------------------------------
+// sum_squares: Σ (a[r] − mean)² over the rows of a [R, d], each row in float32 lanes, rows summed in
+// double. One pass over a, nothing written: XLA's CPU reduction of an expression such as (a − mean)²
+// first writes it out whole (its tree reduction cannot fuse its producer), a [b, d] buffer per sum.
+float SumSquares(const float* a, const float* mean, int64_t R, int64_t d) {
+  double total = 0;
+  const FpMode fp;
+#pragma omp parallel reduction(+ : total)
+  {
+    FpScope scope(fp);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r) {
+      const float* x = a + r * d;
+      f8 acc = {};
+      int64_t j = 0;
+      for (; j + 8 <= d; j += 8) {
+        const f8 e = Load8(x + j) - Load8(mean + j);
+        acc += e * e;
+      }
+      float tail = 0;
+      for (; j < d; ++j) tail += (x[j] - mean[j]) * (x[j] - mean[j]);
+      total += (double)Sum8(acc) + (double)tail;
+    }
+  }
+  return (float)total;
+}
+
+// ---------------------------------------------------------------------------------------------
+// reconstruction_errors: e = centred − decoded, written over decoded, and a = e − aux_hat over aux_hat
+// (when aux_hat has rows), with sums [d + 2] = (Σ e², Σ a², Σ_rows e): each row's squares in float32
+// lanes, rows and column sums in double. One pass, nothing else written: the loss's [b, d] arrays are
+// centred, these two, and their gradients (scale_shift, written over them in turn).
+void ReconstructionErrors(const float* centred, const float* decoded, const float* aux_hat, float* e, float* a,
+                          int64_t R, int64_t d, bool aux, float* sums) {
+  const int nt = omp_get_max_threads();
+  std::vector<double> part((int64_t)nt * (d + 2), 0.0);
+  const FpMode fp;
+#pragma omp parallel
+  {
+    FpScope scope(fp);
+    double* p = part.data() + (int64_t)omp_get_thread_num() * (d + 2);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t o = r * d;
+      f8 se = {}, sa = {};
+      int64_t j = 0;
+      for (; j + 8 <= d; j += 8) {
+        const f8 ev = Load8(centred + o + j) - Load8(decoded + o + j);
+        Store8(e + o + j, ev);
+        se += ev * ev;
+        if (aux) {
+          const f8 av = ev - Load8(aux_hat + o + j);
+          Store8(a + o + j, av);
+          sa += av * av;
+        }
+        for (int q = 0; q < 8; ++q) p[2 + j + q] += (double)ev[q];
+      }
+      double tail_e = 0, tail_a = 0;
+      for (; j < d; ++j) {
+        const float ev = centred[o + j] - decoded[o + j];
+        e[o + j] = ev;
+        tail_e += (double)ev * ev;
+        if (aux) {
+          const float av = ev - aux_hat[o + j];
+          a[o + j] = av;
+          tail_a += (double)av * av;
+        }
+        p[2 + j] += (double)ev;
+      }
+      p[0] += (double)Sum8(se) + tail_e;
+      p[1] += (double)Sum8(sa) + tail_a;
+    }
+  }
+  for (int64_t j = 0; j < d + 2; ++j) {
+    double total = 0;
+    for (int t = 0; t < nt; ++t) total += part[(int64_t)t * (d + 2) + j];
+    sums[j] = (float)total;
+  }
+}
+
+// scale_shift: out = s · a + v (a [R, d], v [d]), meant to be written over a.
+void ScaleShift(const float* a, float s, const float* v, float* out, int64_t R, int64_t d) {
+  const FpMode fp;
+#pragma omp parallel
+  {
+    FpScope scope(fp);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t j = 0; j < d; ++j) out[r * d + j] = s * a[r * d + j] + v[j];
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1945,6 +2143,9 @@ using BoolVec = ffi::Buffer<ffi::PRED, 1>;
 
 extern "C" void jaxsae_set_tile(int64_t tile) { g_tile = tile > 0 ? tile : 1 << 30; }
 
+// Latents per column group of the screen (> 0), or 0 for the default by kScreenGroupBytes (tests).
+extern "C" void jaxsae_set_screen_group(int64_t cols) { g_screen_group = cols > 0 ? cols : 0; }
+
 // 1 when the library was built with the bfloat16 screen (the CPU has AVX512-BF16).
 extern "C" int32_t jaxsae_can_screen() { return JAXSAE_SCREEN; }
 
@@ -2043,6 +2244,49 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeCompact, CompactFfi,
                                   .Arg<I32Vec>()
                                   .Ret<I32Vec>()
                                   .Ret<I32Mat>());
+
+ffi::Error SumSquaresFfi(ffi::Buffer<ffi::F32, 2> a, ffi::Buffer<ffi::F32, 1> mean, ffi::ResultBufferR0<ffi::F32> out) {
+  const int64_t R = a.dimensions()[0], d = a.dimensions()[1];
+  if (mean.dimensions()[0] != d) return ffi::Error::InvalidArgument("sum_squares: mean must have a's row length");
+  *out->typed_data() = SumSquares(a.typed_data(), mean.typed_data(), R, d);
+  return ffi::Error::Success();
+}
+
+auto SumSquaresBinding() { return ffi::Ffi::Bind().Arg<F32Mat>().Arg<ffi::Buffer<ffi::F32, 1>>().Ret<ffi::BufferR0<ffi::F32>>(); }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeSumSquares, SumSquaresFfi, SumSquaresBinding());
+
+// (centred, decoded, aux_hat [b or 0, d]) -> (e, a, sums [d + 2]); e and a meant to alias decoded and aux_hat.
+ffi::Error ReconstructionErrorsFfi(F32Mat centred, F32Mat decoded, F32Mat aux_hat, ffi::ResultBuffer<ffi::F32, 2> e,
+                                   ffi::ResultBuffer<ffi::F32, 2> a, ffi::ResultBuffer<ffi::F32, 1> sums) {
+  const int64_t R = centred.dimensions()[0], d = centred.dimensions()[1];
+  const bool aux = aux_hat.dimensions()[0] > 0;
+  if (decoded.dimensions()[0] != R || decoded.dimensions()[1] != d || (aux && aux_hat.dimensions()[0] != R) ||
+      aux_hat.dimensions()[1] != d || sums->dimensions()[0] != d + 2)
+    return ffi::Error::InvalidArgument("reconstruction_errors: centred, decoded and aux_hat must be [b, d]");
+  ReconstructionErrors(centred.typed_data(), decoded.typed_data(), aux_hat.typed_data(), e->typed_data(),
+                       a->typed_data(), R, d, aux, sums->typed_data());
+  return ffi::Error::Success();
+}
+
+// (a [R, d], s [], v [d]) -> s · a + v, meant to alias a.
+ffi::Error ScaleShiftFfi(F32Mat a, ffi::BufferR0<ffi::F32> s, ffi::Buffer<ffi::F32, 1> v,
+                         ffi::ResultBuffer<ffi::F32, 2> out) {
+  const int64_t R = a.dimensions()[0], d = a.dimensions()[1];
+  if (v.dimensions()[0] != d) return ffi::Error::InvalidArgument("scale_shift: v must have a's row length");
+  ScaleShift(a.typed_data(), *s.typed_data(), v.typed_data(), out->typed_data(), R, d);
+  return ffi::Error::Success();
+}
+
+auto ReconstructionErrorsBinding() {
+  return ffi::Ffi::Bind().Arg<F32Mat>().Arg<F32Mat>().Arg<F32Mat>().Ret<F32Mat>().Ret<F32Mat>().Ret<ffi::Buffer<ffi::F32, 1>>();
+}
+auto ScaleShiftBinding() {
+  return ffi::Ffi::Bind().Arg<F32Mat>().Arg<ffi::BufferR0<ffi::F32>>().Arg<ffi::Buffer<ffi::F32, 1>>().Ret<F32Mat>();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeReconstructionErrors, ReconstructionErrorsFfi, ReconstructionErrorsBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeScaleShift, ScaleShiftFfi, ScaleShiftBinding());
 
 // keep: the identity, its result aliased to its operand (see cpu.keep). XLA passes one buffer as both;
 // the copy covers a caller that did not alias them.

@@ -45,9 +45,66 @@ def keep_cotangent(x: jax.Array) -> jax.Array:
 keep_cotangent.defvjp(lambda x: (x, None), lambda _, g: (keep(g),))
 
 
+@jax.custom_vjp
 def keep(x: jax.Array) -> jax.Array:
-    """x, materialised once for all its consumers (see jaxsae.kernels.cpu.keep); not differentiable."""
+    """x, materialised once for all its consumers (see jaxsae.kernels.cpu.keep); its cotangent passes
+    through unchanged."""
     return _call("keep", x)
+
+
+keep.defvjp(lambda x: (keep(x), None), lambda _, g: (g,))
+
+
+@jax.custom_vjp
+def error_sums(
+    centred: jax.Array, decoded: jax.Array, aux_hat: jax.Array, b_dec: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(Σ e², Σ a², Σ over rows of e [d]) of the reconstruction error e = x − x̂ = centred − decoded, with
+    centred = x − b_dec (a constant: no gradient) and x̂ = decoded + b_dec, and of aux-k's error
+    a = stop_gradient(e) − aux_hat; all [b, d] (aux_hat [0, d]: no aux-k, Σ a² = 0). b_dec's value is in
+    centred already; it gets x̂'s gradient with respect to it. On the CPU e and a are written over
+    decoded's and aux_hat's buffers, and their gradients over e's and a's (the backward reads nothing
+    else): the loss holds no other [b, d] array, and no sum writes its operand out first."""
+    return _error_sums_fwd(centred, decoded, aux_hat, b_dec)[0]
+
+
+def _error_sums_fwd(centred, decoded, aux_hat, b_dec):
+    e, a, sums = _call("reconstruction_errors", centred, decoded, aux_hat)
+    # aux_hat only when it is empty (no aux-k): a zero gradient typed as it is.
+    return (sums[0], sums[1], sums[2:]), (e, a, b_dec, None if aux_hat.shape[0] else aux_hat)
+
+
+def _error_sums_bwd(res, g):
+    e, a, b_dec, no_aux = res
+    g_e, g_a, g_rows = g
+    d_decoded = _call("scale_shift", e, -2.0 * g_e, -g_rows)
+    no_shift = jnp.zeros(a.shape[1], jnp.float32)
+    d_aux = jnp.zeros_like(no_aux) if no_aux is not None else _call("scale_shift", a, -2.0 * g_a, no_shift)
+    d_b_dec = sum_to_vma(jnp.sum(d_decoded, axis=0), b_dec).astype(b_dec.dtype)
+    return None, d_decoded, d_aux, d_b_dec
+
+
+error_sums.defvjp(_error_sums_fwd, _error_sums_bwd)
+
+
+@jax.custom_vjp
+def sum_squares(a: jax.Array, mean: jax.Array) -> jax.Array:
+    """f32[]: Σ (a[r] − mean)² over the rows of a [b, d] (mean [d]). The CPU kernel reads a where it
+    is, where XLA would first write (a − mean)² into a [b, d] buffer of its own."""
+    return _call("sum_squares", a, mean)
+
+
+def _sum_squares_fwd(a, mean):
+    return sum_squares(a, mean), (a, mean)
+
+
+def _sum_squares_bwd(res, g):
+    a, mean = res
+    diff = 2.0 * g * (a - mean)
+    return diff, -jnp.sum(diff, axis=0)
+
+
+sum_squares.defvjp(_sum_squares_fwd, _sum_squares_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -62,7 +119,7 @@ def _decode_fwd(row, idx, val, w_dec, n_rows):
 
 def _decode_bwd(n_rows, res, g):
     row, idx, val, w_dec = res
-    d_val = jnp.where(idx >= 0, _call("gather_dot", row, idx, g, w_dec), 0.0)
+    d_val = _call("gather_dot", row, idx, g, w_dec)  # 0 in empty slots, on every backend
     d_w = _call("scatter_rows", row, idx, val, g, w_dec.shape[0])
     pairs = ((d_val, val), (d_w, w_dec))
     d_val, d_w = (sum_to_vma(vary_like(d, g, val), p).astype(p.dtype) for d, p in pairs)
@@ -74,41 +131,46 @@ decode.defvjp(_decode_fwd, _decode_bwd)
 
 @jax.custom_vjp
 def selected_pre(
-    vals: jax.Array, x: jax.Array, w_enc: jax.Array, b_enc: jax.Array, b_dec: jax.Array, row, idx
+    vals: jax.Array, centred: jax.Array, w_enc: jax.Array, b_enc: jax.Array, b_dec: jax.Array, row, idx
 ) -> jax.Array:
     """[C, K]: the pre-activations (x − b_dec) W_enc + b_enc at the selected slots, given as `vals`
-    [C, K] (already computed with the selection; 0 in empty slots; no gradient flows into them). Its
-    gradient reaches W_enc [d, F], b_enc [F] and b_dec [d] through the selected slots only."""
-    del x, w_enc, b_enc, b_dec
-    return jnp.where(idx >= 0, vals, 0.0)
+    [C, K] (already computed with the selection, 0 in empty slots as every selection writes them; no
+    gradient flows into them), with centred = x − b_dec [b, d]. Its gradient reaches W_enc [d, F],
+    b_enc [F] and b_dec [d] through the selected slots only."""
+    del centred, w_enc, b_enc, b_dec, row, idx
+    return vals
 
 
-def _selected_fwd(vals, x, w_enc, b_enc, b_dec, row, idx):
-    return selected_pre(vals, x, w_enc, b_enc, b_dec, row, idx), (x, w_enc, b_enc, b_dec, row, idx)
+def _selected_fwd(vals, centred, w_enc, b_enc, b_dec, row, idx):
+    res = (centred, w_enc, b_enc, b_dec, row, idx)
+    return selected_pre(vals, *res), res
 
 
 def _selected_bwd(res, g):
-    x, w_enc, b_enc, b_dec, row, idx = res
+    centred, w_enc, b_enc, b_dec, row, idx = res
     n_latents = w_enc.shape[1]
-    g = jnp.where(idx >= 0, g, 0.0)
-    d_w_enc = _call("scatter_cols", row, idx, g, x - b_dec, n_latents)
+    # Every backend's scatters skip empty slots: g is read as it is (masking it would copy [C, K]).
+    d_w_enc = _call("scatter_cols", row, idx, g, centred, n_latents)
     # Σ g per latent, as the scatter kernel's sums against a column of ones: XLA's scatter-add took
     # 9 ms for aux-k's [B, 384] slots at 8x (with its index copy), most of them empty.
-    ones = jnp.ones((x.shape[0], 1), jnp.float32)
+    ones = jnp.ones((centred.shape[0], 1), jnp.float32)
     d_b_enc = _call("scatter_rows", row, idx, g, ones, n_latents)[:, 0]
     d_b_dec = -(w_enc.astype(jnp.float32) @ d_b_enc)
     pairs = ((d_w_enc, w_enc), (d_b_enc, b_enc), (d_b_dec, b_dec))
-    d_w_enc, d_b_enc, d_b_dec = (sum_to_vma(vary_like(d, g, x, w_enc), p).astype(p.dtype) for d, p in pairs)
+    typed = (sum_to_vma(vary_like(d, g, centred, w_enc), p).astype(p.dtype) for d, p in pairs)
+    d_w_enc, d_b_enc, d_b_dec = typed
     return None, None, d_w_enc, d_b_enc, d_b_dec, None, None
 
 
 selected_pre.defvjp(_selected_fwd, _selected_bwd)
 
 
-def fire_count(idx: jax.Array, fired: jax.Array, n_latents: int) -> jax.Array:
-    """[n_latents] int32: how many slots of each latent have `fired` [C, K] set."""
-    hits = (fired & (idx >= 0)).astype(jnp.int32)
-    return jnp.zeros(n_latents + 1, jnp.int32).at[jnp.where(idx >= 0, idx, n_latents)].add(hits)[:-1]
+def fire_count(row: jax.Array, idx: jax.Array, fired: jax.Array, n_latents: int, n_rows: int) -> jax.Array:
+    """[n_latents] int32: how many slots of each latent have `fired` [C, K] set (codes on n_rows rows).
+    Counted by the scatter kernel against a column of ones (exact in float32 up to 2²⁴ per latent):
+    XLA's scatter-add would first copy its [C·K] indices twice."""
+    ones = jnp.ones((n_rows, 1), jnp.float32)
+    return _call("scatter_rows", row, idx, fired.astype(jnp.float32), ones, n_latents)[:, 0].astype(jnp.int32)
 
 
 # --- encoder and selections -----------------------------------------------------------------------

@@ -28,6 +28,26 @@ def keep(x: jax.Array) -> jax.Array:
     return x
 
 
+def sum_squares(a: jax.Array, mean: jax.Array) -> jax.Array:
+    """f32[]: Σ (a[r] − mean)² over the rows of a [R, d] (mean [d])."""
+    return jnp.sum((a.astype(jnp.float32) - mean.astype(jnp.float32)) ** 2)
+
+
+def reconstruction_errors(
+    centred: jax.Array, decoded: jax.Array, aux_hat: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(e, a, sums): e = centred − decoded [b, d], a = e − aux_hat (aux_hat [0, d]: none, a [0, d]),
+    sums [d + 2] = (Σ e², Σ a², Σ over rows of e)."""
+    e = centred.astype(jnp.float32) - decoded.astype(jnp.float32)
+    a = e - aux_hat.astype(jnp.float32) if aux_hat.shape[0] else aux_hat.astype(jnp.float32)
+    return e, a, jnp.concatenate([jnp.stack([jnp.sum(e**2), jnp.sum(a**2)]), jnp.sum(e, axis=0)])
+
+
+def scale_shift(a: jax.Array, s: jax.Array, v: jax.Array) -> jax.Array:
+    """s · a + v (a [R, d], s [], v [d])."""
+    return s * a.astype(jnp.float32) + v
+
+
 def gather_sum(row: jax.Array, idx: jax.Array, val: jax.Array, w: jax.Array, n_rows: int) -> jax.Array:
     """[n_rows, d]: out[r] = Σ over the slots (c, j) of row r of val[c, j] · w[idx[c, j]]  (w [F, d]).
     The sparse decode; accumulates in float32."""
