@@ -54,11 +54,12 @@ def one_line(message: str) -> str:
 
 
 def entry() -> int:
-    """The `jaxsae` console script: `main` in a process with the training allocator settings (see
-    jaxsae.allocator; the first call re-executes the command with them)."""
-    from jaxsae.allocator import reexec_with_tunables
+    """The `jaxsae` console script: `main` in a process with the training allocator settings and JAX's
+    synchronous CPU dispatch (see jaxsae.allocator; the first call re-executes the command)."""
+    from jaxsae.allocator import reexec_with_tunables, synchronous_cpu_dispatch
 
     reexec_with_tunables()
+    synchronous_cpu_dispatch()
     return main()
 
 

@@ -12,6 +12,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
+from jaxsae import allocator
 from jaxsae.bench import ours, timing
 from jaxsae.bench.options import BenchOptions
 from jaxsae.step import jit_step
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--batch", type=int, default=4096)
     args = parser.parse_args()
+    allocator.synchronous_cpu_dispatch()  # as in training
     jnp.zeros(()).block_until_ready()
     baseline = timing.rss_bytes()
     report("baseline", 0)

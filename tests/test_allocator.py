@@ -63,3 +63,25 @@ def test_training_env_only_where_huge_pages_are_given(monkeypatch):
     monkeypatch.setattr(allocator, "huge_pages_on_request", lambda: True)
     assert allocator.training_env({"A": "1"}) == {"A": "1", "GLIBC_TUNABLES": allocator.TUNABLES}
     assert allocator.training_env({"GLIBC_TUNABLES": "x"}) == {"GLIBC_TUNABLES": "x"}
+
+
+def test_synchronous_cpu_dispatch_returns_finished_results():
+    """After synchronous_cpu_dispatch a jitted call returns once its result is computed (so a step's
+    buffers are freed before the next one's are allocated); by default JAX returns at once."""
+    child = """
+import sys, jax, jax.numpy as jnp
+from jaxsae.allocator import synchronous_cpu_dispatch
+if sys.argv[1] == "sync":
+    synchronous_cpu_dispatch()
+f = jax.jit(lambda a: jnp.linalg.matrix_power(a, 40))
+a = jnp.eye(1200) * 0.5
+f(a).block_until_ready()
+print(all(f(a).is_ready() for _ in range(3)))
+"""
+
+    def ready(mode: str) -> str:
+        run = subprocess.run([sys.executable, "-c", child, mode], capture_output=True, text=True, check=True)
+        return run.stdout.strip()
+
+    assert ready("sync") == "True"
+    assert ready("async") == "False"

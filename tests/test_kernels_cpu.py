@@ -87,10 +87,10 @@ def test_sparse_products(shape):
 
 def test_sparse_products_with_dense_latents():
     """Latents in at least a quarter of the rows (aux-k's dead latents are in all) take a GEMM in the
-    scatters and gathers, more than one block of them (256) here, beside light ones in the same rows and
-    chunks; against numpy, slot by slot."""
+    scatters and gathers, more than one block of them (256) and of rows (512) here, beside light ones in
+    the same rows and chunks; against numpy, slot by slot."""
     rng = np.random.default_rng(3)
-    b, n_latents, d, size = 64, 700, 8, 48
+    b, n_latents, d, size = 1100, 700, 8, 48
     dense = rng.choice(n_latents, 300, replace=False)
     light = np.setdiff1d(np.arange(n_latents), dense)
     rows, chunks = [], []

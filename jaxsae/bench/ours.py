@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxsae import kernels
+from jaxsae import allocator, kernels
 from jaxsae.bench import inputs, rounds, timing
 from jaxsae.bench.options import BenchOptions, parse_mesh
 from jaxsae.config import RunConfig, SAEConfig, TrainConfig
@@ -240,6 +240,7 @@ def run(opts: BenchOptions) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    allocator.synchronous_cpu_dispatch()  # as in training (the `jaxsae` command)
     print(json.dumps(run(BenchOptions.from_argv(argv))))
     return 0
 

@@ -20,6 +20,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 #include "bf16_screen.h"
 
@@ -264,9 +268,10 @@ DenseLatents FindDense(const Codes& c, int64_t rows, int64_t F) {
 }
 
 // Row-major C [m, n] (+)= A [m, k] · op(B), op(B) = B [k, n] or (transposed) B [n, k]ᵀ, by OpenBLAS
-// with the rows of C split over the team (ldb: B's row stride).
+// with the rows of C split over the team (lda, ldb: A's (default k) and B's row strides).
 void ParallelGemm(const float* a, const float* b, float* c, int64_t m, int64_t n, int64_t k, int64_t ldb,
-                  bool b_transposed, float beta) {
+                  bool b_transposed, float beta, int64_t lda = -1) {
+  lda = lda < 0 ? k : lda;
   SerialBlas();
   const FpMode fp;
 #pragma omp parallel
@@ -276,7 +281,7 @@ void ParallelGemm(const float* a, const float* b, float* c, int64_t m, int64_t n
     Split(m, r0, r1);
     if (r1 > r0)
       scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, b_transposed ? CblasTrans : CblasNoTrans, (blasint)(r1 - r0),
-                        (blasint)n, (blasint)k, 1.0f, a + r0 * k, (blasint)k, b, (blasint)ldb, beta, c + r0 * n,
+                        (blasint)n, (blasint)k, 1.0f, a + r0 * lda, (blasint)lda, b, (blasint)ldb, beta, c + r0 * n,
                         (blasint)n);
   }
 }
@@ -410,19 +415,36 @@ struct LatentSums {
   std::vector<float> dense;         // [n_dense, d]
 };
 
-constexpr int64_t kDenseBlock = 256;  // latents per GEMM (bounds V to kDenseBlock · B floats)
+constexpr int64_t kDenseBlock = 256;  // latents per GEMM
+constexpr int64_t kDenseRows = 512;   // rows per GEMM: V holds kDenseBlock · kDenseRows floats (512 KB)
 
-// dense[slot[f]] += Σ over set c's slots of latent f (f in dl) of val · y_c[row], y_c [B, d].
+// dense[slot[f]] += Σ over set c's slots of latent f (f in dl) of val · y_c[row], y_c [B, d]: per block of
+// latents, one pass over the slots (rows ascending, as chunked ELL stores them) that fills V [n, rows] a
+// block of rows at a time, each block then added by a GEMM V · y_c[rows].
 void DenseSums(const Codes& c, const DenseLatents& dl, const int32_t* slot, const float* y_c, int64_t B, int64_t F,
                int64_t d, float* dense) {
+  std::vector<float> v(kDenseBlock * kDenseRows), out(kDenseBlock * d);
   for (int64_t j0 = 0; j0 < (int64_t)dl.ids.size(); j0 += kDenseBlock) {
     const int64_t n = std::min<int64_t>(kDenseBlock, dl.ids.size() - j0);
-    std::vector<float> v(n * B, 0.0f), out(n * d);
+    std::fill(out.begin(), out.end(), 0.0f);
+    int64_t r0 = -1;  // the rows [r0, r0 + kDenseRows) that v holds
+    auto flush = [&] {
+      if (r0 < 0) return;
+      const int64_t rows = std::min(kDenseRows, B - r0);
+      ParallelGemm(v.data(), y_c + r0 * d, out.data(), n, d, rows, d, false, 1.0f, kDenseRows);
+      r0 = -1;
+    };
     ForSlots(c, 0, c.C * c.K, B, F, [&](uint32_t i, int32_t r, float val) {
       const int64_t q = dl.has(i) ? dl.slot[i] - j0 : -1;
-      if (q >= 0 && q < n) v[q * B + r] += val;
+      if (q < 0 || q >= n) return;
+      if (r0 < 0 || r < r0 || r >= r0 + kDenseRows) {  // another block of rows (any order is summed right)
+        flush();
+        r0 = r / kDenseRows * kDenseRows;
+        std::fill(v.begin(), v.begin() + n * kDenseRows, 0.0f);
+      }
+      v[q * kDenseRows + (r - r0)] += val;
     });
-    ParallelGemm(v.data(), y_c, out.data(), n, d, B, d, false, 0.0f);
+    flush();
     for (int64_t q = 0; q < n; ++q) {
       float* o = dense + (int64_t)slot[dl.ids[j0 + q]] * d;
       for (int64_t x = 0; x < d; ++x) o[x] += out[q * d + x];
@@ -1836,6 +1858,16 @@ void ScaleShift(const float* a, float s, const float* v, float* out, int64_t R, 
 }
 
 // ---------------------------------------------------------------------------------------------
+// The encoders' scratch (candidate lists, pools: many blocks under glibc's mmap threshold) is freed into
+// the threads' malloc arenas, which keep its pages: resident through the rest of the step, when XLA's
+// buffers peak. Handing them back costs about a millisecond (and their page faults in the next step).
+void ReleaseFreedMemory() {
+#if defined(__GLIBC__)
+  malloc_trim(0);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
 // FFI bindings. Shapes are checked by rank in the bindings; sizes come from the buffers.
 
 ffi::Error GatherSumFfi(ffi::Buffer<ffi::S32, 1> row, ffi::Buffer<ffi::S32, 2> idx, ffi::Buffer<ffi::F32, 2> val,
@@ -1910,6 +1942,7 @@ ffi::Error EncodeTopkFfi(ffi::Buffer<ffi::F32, 2> x, ffi::Buffer<ffi::F32, 2> w,
                  k.typed_data()[0], idx->dimensions()[1], mask_aux.typed_data(), k_aux.typed_data()[0],
                  aux_idx->dimensions()[1], screen, idx->typed_data(), val->typed_data(), aux_idx->typed_data(),
                  aux_val->typed_data());
+  ReleaseFreedMemory();
   return ScreenResult("encode_topk", screen, screened);
 }
 
@@ -1931,6 +1964,7 @@ ffi::Error EncodeBatchTopkFfi(ffi::Buffer<ffi::F32, 2> x, ffi::Buffer<ffi::F32, 
                                             kb.typed_data()[0], mask_aux.typed_data(), k_aux.typed_data()[0], o,
                                             aux_idx->typed_data(), aux_val->typed_data(), ad[1],
                                             smallest->typed_data(), screen, screened);
+  ReleaseFreedMemory();
   return ScreenResult("encode_batchtopk", screen, screened);
 }
 
@@ -1946,6 +1980,7 @@ ffi::Error EncodeAboveFfi(ffi::Buffer<ffi::F32, 2> x, ffi::Buffer<ffi::F32, 2> w
   const EllOut o{row->typed_data(), idx->typed_data(), val->typed_data(), id[0], id[1]};
   EncodeAbove(x.typed_data(), w.typed_data(), b.typed_data(), thr.typed_data(), R, xd[1], F, o,
               counts->typed_data());
+  ReleaseFreedMemory();
   return ffi::Error::Success();
 }
 
