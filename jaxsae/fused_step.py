@@ -101,9 +101,7 @@ def per_device(
     not finite, or whose codes are not exact (out.metrics["exact"], jumprelu's), keeps its values."""
     tc = cfg.train
     centred, sel, g_small, g_taps, out = tap_gradients(cfg, params, fixed, x, dead, hp, scale, layer)
-    # The [b, d] taps' gradients are the loss's errors scaled (ops.error_sums): finite where the loss is.
-    checked = (g_small, g_taps.pre, g_taps.aux_pre)
-    ok = optimizer.finite_per_sae(out.metrics["loss"], checked) & todo & (out.metrics["exact"] == 1)
+    ok = optimizer.finite_per_sae(out.metrics["loss"], (g_small, g_taps)) & todo & (out.metrics["exact"] == 1)
     h, flags = optimizer.hyper(tc, opt_state, {}, {}, ok)
     mu, nu = optimizer.moments(tc, opt_state)
     new = {n: kernel("adam")(params[n], mu[n], nu[n], g, h, flags, False) for n, g in g_small.items()}

@@ -61,10 +61,13 @@ def per_sae(ok: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
 
 
 def finite_per_sae(loss: jax.Array, grads: Any) -> jax.Array:
-    """Bool [S]: SAE s's loss [S] and every value of its gradients (pytree of [S, ...] leaves) are finite."""
+    """Bool [S]: SAE s's loss [S] and every value of its gradients (pytree of [S, ...] leaves) are finite,
+    checked through each leaf's sum per SAE: a NaN or ±inf anywhere makes it non-finite, and finite values
+    only past 3e38 in all (an update then skipped). The sum reads the gradient where it lies; XLA's CPU
+    reduction of an isfinite mask would first write the mask out, a [b, d] or [F, d] bool array."""
     ok = jnp.isfinite(loss)
     for g in jax.tree.leaves(grads):
-        ok &= jnp.all(jnp.isfinite(g), axis=tuple(range(1, g.ndim)))
+        ok &= jnp.isfinite(jnp.sum(g, axis=tuple(range(1, g.ndim))))
     return ok
 
 

@@ -74,7 +74,7 @@ def set_tile(tile: int) -> None:
 
 def set_screen_group(latents: int) -> None:
     """Latents per column group of the bfloat16 screen (rounded down to a multiple of 48; 0: the
-    default, groups of at most 4 MB of packed weights). For tests: several groups on small shapes."""
+    default, groups of at most 10 MB of packed weights). For tests: several groups on small shapes."""
     _library().jaxsae_set_screen_group(ctypes.c_int64(latents))
 
 
