@@ -31,8 +31,9 @@ def supports(cfg: SAEConfig, model_axis_size: int) -> bool:
 
 class Selection(NamedTuple):
     """The sparse codes of one SAE on its rows, chosen before the loss (constants of it): chunked ELL
-    (row [C], idx [C, K]) with the pre-activations at the slots (pre [C, K]), the same for aux-k's dead
-    latents (topk, batchtopk; empty for jumprelu), batchtopk's smallest kept value, and `exact`: False
+    (row [C], idx [C, K]) with the pre-activations at the slots (pre [C, K]: 0 in empty slots, and > 0
+    where topk and batchtopk selected, as the step reads them), the same for aux-k's dead latents (topk,
+    batchtopk; empty for jumprelu), batchtopk's smallest kept value, and `exact`: False
     when the codes of these rows may differ from the dense loss's (jumprelu's when they do not fit; the
     loss combines it over the data shards into `metrics["exact"]`, and jaxsae.step has the dense step
     redo the batch of each SAE that was not exact)."""

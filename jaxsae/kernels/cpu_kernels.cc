@@ -1125,6 +1125,22 @@ class RunningBound {
   std::vector<int32_t> top_;  // [R, k]
 };
 
+// Appends the candidates of an approximate block's rows to `out` (ScanRow): main's floor per row from
+// main_floor(row, approx row, its block maxima, beta), aux-k's from its running bound (+inf if unused).
+template <typename MainFloor>
+void ScanBlock(const ApproxRows& z, MainFloor main_floor, const int32_t* lanes_main, RunningBound& bound_aux,
+               const int32_t* lanes_aux, TopkScratch& sc, std::vector<Candidate>& out) {
+  const int64_t n_blocks = (z.nc + screen::kBlock - 1) / screen::kBlock;
+  for (int64_t i = 0; i < z.n; ++i) {
+    const float *a = z.a + i * z.nc, *m = z.block_max + i * n_blocks;
+    const int64_t r = z.r0 + i;
+    const float floor_main = main_floor(r, a, m, z.beta[i]);
+    const float floor_aux = bound_aux.Add(r, a, m, z.nc, lanes_aux + z.f0, z.beta[i], sc.bits);
+    ScanRow(a, m, z.nc, z.f0, (int32_t)r, z.beta[i], floor_main, lanes_main + z.f0, floor_aux, lanes_aux + z.f0,
+            sc.visit, out);
+  }
+}
+
 // The candidates of all groups (lists[g · nb + q]: group g's of row block q, row-major), row-major with
 // latents ascending within a row, keeping those for which keep(c) holds. Frees the lists.
 template <typename Keep>
@@ -1178,15 +1194,10 @@ bool EncodeTopkScreened(const float* x, const float* w, const float* b, int64_t 
   auto visit = [&](const ApproxRows& z) {
     TopkScratch& sc = scratch[z.t];
     std::vector<Candidate>& out = lists[z.g * nb + z.q];
-    const int64_t n_blocks = (z.nc + screen::kBlock - 1) / screen::kBlock;
-    for (int64_t i = 0; i < z.n; ++i) {
-      const float *a = z.a + i * z.nc, *m = z.block_max + i * n_blocks;
-      const int64_t r = z.r0 + i;
-      const float fm = bound_main.Add(r, a, m, z.nc, lanes_main.data() + z.f0, z.beta[i], sc.bits);
-      const float fa = bound_aux.Add(r, a, m, z.nc, lanes_aux.data() + z.f0, z.beta[i], sc.bits);
-      ScanRow(a, m, z.nc, z.f0, (int32_t)r, z.beta[i], fm, lanes_main.data() + z.f0, fa, lanes_aux.data() + z.f0,
-              sc.visit, out);
-    }
+    auto main_floor = [&](int64_t r, const float* a, const float* m, float beta) {
+      return bound_main.Add(r, a, m, z.nc, lanes_main.data() + z.f0, beta, sc.bits);
+    };
+    ScanBlock(z, main_floor, lanes_main.data(), bound_aux, lanes_aux.data(), sc, out);
     return (found += (int64_t)out.size()) <= cap;
   };
   auto none = [](const ApproxRows&) {};
@@ -1588,16 +1599,9 @@ int ScreenedBatchPass(const float* x, const float* w, const float* b, int64_t R,
     std::memcpy(&guess_value, &guess, 4);
   };
   auto visit = [&](const ApproxRows& z) {
-    TopkScratch& sc = scratch[z.t];
     std::vector<Candidate>& out = lists[z.g * nb + z.q];
-    const int64_t n_blocks = (z.nc + screen::kBlock - 1) / screen::kBlock;
-    for (int64_t i = 0; i < z.n; ++i) {
-      const float *a = z.a + i * z.nc, *m = z.block_max + i * n_blocks;
-      const int64_t r = z.r0 + i;
-      const float fa = bound_aux.Add(r, a, m, z.nc, lanes_aux.data() + z.f0, z.beta[i], sc.bits);
-      ScanRow(a, m, z.nc, z.f0, (int32_t)r, z.beta[i], guess_value - z.beta[i], lanes_all.data() + z.f0, fa,
-              lanes_aux.data() + z.f0, sc.visit, out);
-    }
+    auto pool_floor = [&](int64_t, const float*, const float*, float beta) { return guess_value - beta; };
+    ScanBlock(z, pool_floor, lanes_all.data(), bound_aux, lanes_aux.data(), scratch[z.t], out);
     return (found += (int64_t)out.size()) <= cap;
   };
   const Screened ran = ForScreenedBlocks(x, w, b, R, d, F, mode, groups, visit, true, sample, decide);
