@@ -118,20 +118,12 @@ def total_variance(x: jax.Array, axes: Axes) -> jax.Array:
     return jnp.maximum(psum(ops.sum_squares(x, mean), axes.data), 1e-12)
 
 
-def reconstruction_metrics(
-    x: jax.Array, x_hat: jax.Array, n_fired: jax.Array, axes: Axes = ONE_DEVICE
-) -> dict[str, jax.Array]:
-    """MSE (per element), normalised MSE (‖x − x̂‖² / ‖x − x̄‖²), FVE = 1 − nMSE, mean L0 (from
-    `n_fired`, this device's count of nonzero codes)."""
-    squared_error = psum(jnp.sum((x - x_hat) ** 2), axes.data)
-    return metrics_of_sums(squared_error, total_variance(x, axes), n_fired, x.shape, axes)
-
-
 def metrics_of_sums(
     squared_error: jax.Array, variance: jax.Array, n_fired: jax.Array, shape: tuple[int, int], axes: Axes
 ) -> dict[str, jax.Array]:
-    """reconstruction_metrics from ‖x − x̂‖² and ‖x − x̄‖² summed over the global batch, with x's
-    local shape [b, d_in]."""
+    """MSE (per element), normalised MSE (‖x − x̂‖² / ‖x − x̄‖²), FVE = 1 − nMSE, mean L0, from
+    ‖x − x̂‖² and ‖x − x̄‖² summed over the global batch, `n_fired` (this device's count of nonzero
+    codes) and x's local shape [b, d_in]."""
     n = psum(shape[0], axes.data)
     nmse = squared_error / variance
     l0 = psum(jnp.asarray(n_fired, jnp.float32), tuple(a for a in axes if a)) / n

@@ -9,7 +9,7 @@ import pytest
 from jaxsae import sae
 from jaxsae.activations import heaviside, jumprelu
 from jaxsae.config import SAEConfig
-from jaxsae.losses import LossHParams, aux_k_loss, reconstruction_metrics, sae_loss
+from jaxsae.losses import ONE_DEVICE, LossHParams, aux_k_loss, metrics_of_sums, sae_loss, total_variance
 
 B, D, F, K = 16, 8, 32, 3
 
@@ -165,7 +165,9 @@ def test_init_unit_decoder_tied_encoder_and_median_bias():
 def test_metrics_match_numpy():
     x, x_hat = _x(1), _x(2) * 0.3 + _x(1)
     codes = np.where(_x(3)[:, :4] > 0, 1.0, 0.0)
-    m = reconstruction_metrics(jnp.asarray(x), jnp.asarray(x_hat), np.sum(codes != 0))
+    squared_error = jnp.sum((jnp.asarray(x) - jnp.asarray(x_hat)) ** 2)
+    variance = total_variance(jnp.asarray(x), ONE_DEVICE)
+    m = metrics_of_sums(squared_error, variance, np.sum(codes != 0), x.shape, ONE_DEVICE)
     nmse = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
     np.testing.assert_allclose(m["nmse"], nmse, rtol=1e-5)
     np.testing.assert_allclose(m["fve"], 1 - nmse, rtol=1e-5)

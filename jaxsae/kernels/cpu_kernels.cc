@@ -731,9 +731,9 @@ void TopkRows(const float* acts, const bool* mask, int64_t k, int32_t* out, int6
 // encode / encode_topk: the encoder matmul x·w + b in row blocks, each block by single-threaded OpenBLAS
 // in one OpenMP thread (measured here: within 5% of OpenBLAS's own threading, 1.3-1.5x faster than XLA's
 // dot). encode_topk selects while the block is hot and never holds more than one block per thread.
-// Row blocks of at most this many bytes of pre-activations per thread. The screen's (bf16_screen.h) are
-// half as large: its GEMM reads the bfloat16 weights once per block at half the bytes, and at 32x it ran
-// as fast with 8 MB blocks as with 16 (16 MB less resident); float32's OpenBLAS blocks slowed by 15% then.
+// Row blocks of at most this many bytes of pre-activations per thread. The screen's (bf16_screen.h, per
+// column group) are half as large: its GEMM reads the bfloat16 weights at half the bytes, and at 32x it
+// ran as fast with 8 MB blocks as with 16; float32's OpenBLAS blocks slowed by 15% then.
 constexpr int64_t kEncodeBlockBytes = 16 << 20, kScreenBlockBytes = 8 << 20;
 
 int64_t EncodeBlockRows(int64_t F, bool screened = false) {
@@ -752,8 +752,8 @@ void EncodeBlock(const float* x, const float* w, const float* b, int64_t r0, int
 
 // Calls body(r0, n, thread_buffer_or_null) for the row blocks of [0, R), blocks spread over the team.
 template <typename Body>
-void ForRowBlocks(int64_t R, int64_t F, bool own_buffer, Body body, bool screened = false) {
-  const int64_t blk = EncodeBlockRows(F, screened);
+void ForRowBlocks(int64_t R, int64_t F, bool own_buffer, Body body) {
+  const int64_t blk = EncodeBlockRows(F);
   const int64_t nb = (R + blk - 1) / blk;
   SerialBlas();  // parallel over blocks instead
   const FpMode fp;

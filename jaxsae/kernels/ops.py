@@ -45,14 +45,9 @@ def keep_cotangent(x: jax.Array) -> jax.Array:
 keep_cotangent.defvjp(lambda x: (x, None), lambda _, g: (keep(g),))
 
 
-@jax.custom_vjp
 def keep(x: jax.Array) -> jax.Array:
-    """x, materialised once for all its consumers (see jaxsae.kernels.cpu.keep); its cotangent passes
-    through unchanged."""
+    """x, materialised once for all its consumers (see jaxsae.kernels.cpu.keep); not differentiable."""
     return _call("keep", x)
-
-
-keep.defvjp(lambda x: (keep(x), None), lambda _, g: (g,))
 
 
 @jax.custom_vjp
